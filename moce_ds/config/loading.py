@@ -1,0 +1,193 @@
+"""Layered config: dataclass defaults < experiment YAML files (in order) < dotted `key=value` overrides.
+
+Unknown keys and wrong types are errors that name the key and the fix; the resolved config is dumped
+into the run folder so a run can always be reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moce_ds.config.schema import ROUTINGS, Config
+
+__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "parse_overrides"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' has an invalid value {value!r}.")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}. Example: {key}=[1,3,5].")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    raise ConfigError(
+        f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r} "
+        f"({type(value).__name__}). Fix the value in the YAML file or the '{key}=...' override."
+    )
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            raise _unknown_key(full, list(types_))
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it as a mapping, e.g. {full}.<key>=...")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['moe.num_experts=8', 'data.path='] -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example train.epochs=5).")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key; write section.key=value.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({e.problem}).") from e
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'.")
+        node[parts[-1]] = value
+    return tree
+
+
+def _validate(cfg: Config) -> None:
+    m = cfg.moe
+    if m.routing not in ROUTINGS:
+        raise ConfigError(f"moe.routing='{m.routing}' is not one of {'|'.join(ROUTINGS)}.")
+    if m.num_experts < 1:
+        raise ConfigError(f"moe.num_experts={m.num_experts} must be >= 1.")
+    if m.ep_size < 0:
+        raise ConfigError(f"moe.ep_size={m.ep_size} must be >= 1, or 0 to choose it from the world size.")
+    if m.ep_size and m.num_experts % m.ep_size:
+        raise ConfigError(
+            f"moe.num_experts={m.num_experts} is not divisible by moe.ep_size={m.ep_size}: "
+            f"set moe.ep_size to a divisor of {m.num_experts} (or 0 for automatic)."
+        )
+    if not 1 <= m.top_k <= m.num_experts:
+        raise ConfigError(f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}.")
+    if m.top_k > 2 and m.routing == "token":
+        raise ConfigError("moe.top_k > 2 is not supported by DeepSpeed's token gate; use moe.top_k=1 or 2.")
+    if m.num_clusters < 1:
+        raise ConfigError(f"moe.num_clusters={m.num_clusters} must be >= 1.")
+    if m.capacity_factor <= 0 or m.eval_capacity_factor <= 0:
+        raise ConfigError("moe.capacity_factor and moe.eval_capacity_factor must be > 0.")
+    if m.aux_loss_weight < 0 or m.gate_noise_std < 0:
+        raise ConfigError("moe.aux_loss_weight and moe.gate_noise_std must be >= 0.")
+    if not 0.0 <= cfg.model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio={cfg.model.mask_ratio} must be in [0, 1).")
+    t = cfg.train
+    if t.epochs < 1 or t.max_steps < 0:
+        raise ConfigError("train.epochs must be >= 1 and train.max_steps >= 0 (0: no step limit).")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must have two values, got {t.betas}.")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is empty; set output_dir=runs/<name>.")
+
+
+def load_config(yaml_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults < each YAML file in order < overrides. Raises ConfigError on any problem."""
+    merged: dict[str, Any] = {}
+    for path in yaml_files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file with --config.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, moe:, ...).")
+        merged = _merge(merged, data)
+    merged = _merge(merged, parse_overrides(list(overrides)))
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,71 @@
+"""Typed configuration: one dataclass per section, defaults here and nowhere else.
+
+The DeepSpeed JSON owns engine settings (micro-batch, gradient accumulation, precision, ZeRO, clipping);
+these dataclasses own the science. No setting lives in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "Config", "ROUTINGS"]
+
+ROUTINGS = ("dense", "token", "cluster")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "mini"  # a name from moce_ds.model.registry.MODEL_SIZES
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class MoEConfig:
+    routing: str = "cluster"  # dense | token | cluster
+    num_experts: int = 4
+    ep_size: int = 0  # 0: the largest divisor of num_experts that divides the world size
+    top_k: int = 1
+    num_clusters: int = 16
+    layers: list[int] | None = None  # encoder blocks whose MLP is a MoE; None: every other (1, 3, 5, ...)
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True  # False: dropless (capacity grows to the busiest expert)
+    aux_loss_weight: float = 0.01
+    gate_noise_std: float = 1.0  # std of the Gaussian noise added to an image's gate logits in training; 0: off
+    use_rts: bool = False  # token routing only: DeepSpeed's random token selection
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # shard pattern / directory; empty: the embedded default data set
+    cache_dir: str = ""  # where the embedded set is built; empty: ~/.cache/moce_ds
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    strict: bool = False  # True: the first bad sample is an error instead of a skip
+    cluster_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # 0: no limit beyond epochs
+    lr: float = 1.5e-3  # peak learning rate (absolute, not scaled by batch size)
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 40
+    seed: int = 0
+    log_every: int = 10
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/moce"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,81 @@
+"""Distributed state in one place: init (guarded against double init), rank facts, ep_size resolution.
+
+The only module below launchers/ that reads the launcher's environment (RANK, WORLD_SIZE, ...), via
+DeepSpeed's own init.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+__all__ = ["DistInfo", "init_distributed", "resolve_ep_size", "barrier", "all_reduce_sum", "broadcast_object"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPUs); a no-op when already up."""
+    accel = get_accelerator()
+    backend = accel.communication_backend_name()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = rank % max(1, accel.device_count()) if accel.device_name() != "cpu" else rank
+    device = torch.device(accel.device_name(local_rank)) if accel.device_name() != "cpu" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, backend, device)
+
+
+def resolve_ep_size(requested: int, num_experts: int, world_size: int) -> int:
+    """0 means automatic: the largest divisor of num_experts that also divides the world size."""
+    if requested == 0:
+        return math.gcd(num_experts, world_size)
+    if num_experts % requested:
+        raise ValueError(
+            f"moe.num_experts={num_experts} is not divisible by moe.ep_size={requested}: "
+            f"set moe.ep_size to a divisor of {num_experts} (or 0 for automatic)."
+        )
+    if world_size % requested:
+        raise ValueError(
+            f"moe.ep_size={requested} does not divide the world size {world_size}: launch a multiple of "
+            f"{requested} ranks or set moe.ep_size to a divisor of {world_size} (0: automatic)."
+        )
+    return requested
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s object on every rank (e.g. an error message, so all ranks stop together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

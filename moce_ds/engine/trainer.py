@@ -1,0 +1,221 @@
+"""Pre-training: deepspeed.initialize, the step loop, logging, checkpoint and resume.
+
+The model owns its loss; the engine owns backward and step. Every input is checked before anything
+is written, so a bad config or an incompatible resume destroys nothing on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from moce_ds.config import Config, save_config
+from moce_ds.data.loader import make_train_loader
+from moce_ds.engine.checkpoint import (
+    check_resume_compatible,
+    checkpoint_dir,
+    latest_tag,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+)
+from moce_ds.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_ep_size
+from moce_ds.engine.ds_config import check_ds_config, compute_dtype, grad_accum_steps, load_ds_config, micro_batch_size
+from moce_ds.engine.schedule import build_optimizer
+from moce_ds.engine.training_data import TrainingData, prepare_training_data
+from moce_ds.metrics import ExpertLoadMeter, JsonlWriter, setup_logging
+from moce_ds.model import build_model, get_spec
+
+__all__ = ["PretrainResult", "pretrain", "step_seed"]
+
+log = logging.getLogger("moce_ds")
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    last_loss: float
+    checkpoint: Path | None
+    is_main: bool
+    model: torch.nn.Module  # the trained module (this rank's experts), for in-process callers
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Masking and gate noise are drawn from this seed: different per rank, reproducible after a resume."""
+    return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729) % (2**63 - 1)
+
+
+def _check_output_dir(cfg: Config, resume: bool) -> tuple[str | None, dict | None]:
+    ckpt = checkpoint_dir(cfg)
+    tag = latest_tag(ckpt) if ckpt.is_dir() else None
+    if resume:
+        if tag is None:
+            raise ValueError(f"--resume was given but {ckpt} holds no complete checkpoint; drop --resume to start "
+                             f"a new run there.")
+        meta = read_meta(ckpt, tag)
+        check_resume_compatible(cfg, meta, tag)
+        return tag, meta
+    if tag is not None:
+        raise ValueError(f"output_dir={cfg.output_dir} already holds checkpoints (latest '{tag}'): pass --resume to "
+                         f"continue that run, or choose another output_dir.")
+    return None, None
+
+
+def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> PretrainResult:
+    info = init_distributed()
+    run_dir = Path(cfg.output_dir)
+    get_spec(cfg.model.size)  # unknown size: fail before anything else
+
+    # ---- every check before the first write
+    ds = load_ds_config(ds_config_path)
+    uses_moe = cfg.moe.routing != "dense"
+    check_ds_config(ds, uses_moe)
+    ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if uses_moe else 1
+    resume_tag, resume_meta = _check_output_dir(cfg, resume)
+    barrier()  # rank 0 must not write the run folder before every rank has read it
+
+    setup_logging(run_dir, info.rank)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        shutil.copyfile(ds_config_path, run_dir / "ds_config.json")
+    log.info("world size %d (%s), ep_size %d, routing %s, %d experts", info.world_size, info.backend, ep_size,
+             cfg.moe.routing, cfg.moe.num_experts)
+
+    data = prepare_training_data(cfg, info)
+    log.info("data: %s; cluster round %s", data.description, None if data.round is None else data.round.round)
+
+    micro, accum = micro_batch_size(ds), grad_accum_steps(ds)
+    global_batch = micro * accum * info.world_size
+    steps_per_epoch = data.num_samples // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"the data set has {data.num_samples} images, fewer than one global batch of {global_batch}: "
+                         f"lower train_micro_batch_size_per_gpu in the DeepSpeed config.")
+    total_steps = cfg.train.epochs * steps_per_epoch
+
+    model = build_model(cfg, ep_size, ep_rank=info.rank % ep_size)
+    if data.round is not None and cfg.moe.routing == "cluster":
+        centroids = torch.from_numpy(data.round.centroids()).float()
+        loaded = [m.gate.init_table_from_centroids(centroids) for _, m in model.moe_layers()]
+        if any(loaded):
+            log.info("cluster tables initialised from the round's centroids")
+    optimizer, scheduler = build_optimizer(
+        model, cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, tuple(cfg.train.betas),
+        cfg.train.warmup_steps, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    dtype = compute_dtype(ds)
+
+    step, epoch, skip_micro = 0, 0, 0
+    if resume_tag is not None:
+        engine.load_checkpoint(str(checkpoint_dir(cfg)), tag=resume_tag)
+        pos = resume_meta["position"]
+        step, epoch, skip_micro = pos["step"], pos["epoch"], pos["micro_in_epoch"]
+        log.info("resumed from '%s' at step %d (epoch %d, %d micro-batches into it)", resume_tag, step, epoch,
+                 skip_micro)
+
+    metrics = JsonlWriter(run_dir / "metrics.jsonl") if info.is_main else None
+    load_meter = ExpertLoadMeter(model.moe_layers(), cfg.moe.num_experts)
+    result = _train_loop(cfg, info, engine, model, data, metrics, load_meter, micro, accum, steps_per_epoch,
+                         total_steps, dtype, step, epoch, skip_micro)
+    if metrics:
+        metrics.close()
+    return result
+
+
+def _train_loop(cfg, info: DistInfo, engine, model, data: TrainingData, metrics, load_meter, micro: int, accum: int,
+                steps_per_epoch: int, total_steps: int, dtype, step: int, epoch: int,
+                skip_micro: int) -> PretrainResult:
+    max_steps = cfg.train.max_steps or total_steps
+    ids_path = None if data.round is None else data.round.path / "ids.npy"
+    skipped: dict[str, int] = {}
+    last_loss, ckpt_path = float("nan"), None
+    interval_loss = torch.zeros(3, dtype=torch.float64)  # loss, recon, aux summed over micro-batches
+    interval_micro, t_last = 0, time.perf_counter()
+
+    def position(ep: int, micro_in_epoch: int) -> dict:
+        return {"step": step, "epoch": ep, "micro_in_epoch": micro_in_epoch}
+
+    def checkpoint(ep: int, micro_in_epoch: int) -> Path:
+        tag = f"step{step:08d}"
+        path = save_checkpoint(engine, cfg, tag, position(ep, micro_in_epoch), info.is_main)
+        barrier()
+        if info.is_main:
+            prune_checkpoints(checkpoint_dir(cfg), cfg.train.keep_checkpoints)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    engine.train()
+    while epoch < cfg.train.epochs and step < max_steps:
+        micro_per_epoch = steps_per_epoch * accum
+        torch.manual_seed(step_seed(cfg.train.seed, info.rank, -1 - epoch))  # fixes the loader workers' seeds
+        loader = make_train_loader(
+            data.urls, ids_path, batch_size=micro, steps_per_epoch=micro_per_epoch,
+            image_size=model.spec.img_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
+            shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict, rank=info.rank,
+            world_size=info.world_size)
+        micro_in_epoch = 0
+        for batch in loader:
+            for reason, n in batch["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            if micro_in_epoch < skip_micro:  # resuming mid-epoch: replay the loader to the saved position
+                micro_in_epoch += 1
+                continue
+            global_micro = epoch * micro_per_epoch + micro_in_epoch
+            torch.manual_seed(step_seed(cfg.train.seed, info.rank, global_micro))
+            images = batch["images"].to(info.device, dtype, non_blocking=True)
+            cluster = batch["cluster"].to(info.device, non_blocking=True)
+            out = engine(images, cluster)
+            engine.backward(out.loss)
+            engine.step()
+            load_meter.update()
+            interval_loss += torch.tensor([out.loss.item(), out.recon_loss.item(), out.aux_loss.item()],
+                                          dtype=torch.float64)
+            interval_micro += 1
+            micro_in_epoch += 1
+            if micro_in_epoch % accum:
+                continue
+            step += 1
+            if step % cfg.train.log_every == 0 or step == max_steps or micro_in_epoch == micro_per_epoch:
+                last_loss = _log_interval(cfg, info, engine, metrics, load_meter, interval_loss, interval_micro,
+                                          t_last, micro, step, epoch, skipped)
+                interval_loss.zero_()
+                interval_micro, t_last = 0, time.perf_counter()
+            if step >= max_steps:
+                break
+        skip_micro = 0
+        epoch_done = micro_in_epoch == micro_per_epoch
+        next_epoch = epoch + 1 if epoch_done else epoch
+        last = step >= max_steps or next_epoch >= cfg.train.epochs
+        if last or (epoch_done and (epoch + 1) % cfg.train.save_every_epochs == 0):
+            ckpt_path = checkpoint(next_epoch, 0 if epoch_done else micro_in_epoch)
+        epoch = next_epoch
+    return PretrainResult(Path(cfg.output_dir), step, epoch, last_loss, ckpt_path, info.is_main, model)
+
+
+def _log_interval(cfg, info: DistInfo, engine, metrics, load_meter, interval_loss, interval_micro, t_last, micro,
+                  step, epoch, skipped) -> float:
+    elapsed = time.perf_counter() - t_last
+    # One reduction for the losses and the image count (means over ranks).
+    stats = all_reduce_sum(torch.cat([interval_loss / max(1, interval_micro),
+                                      torch.tensor([interval_micro * micro], dtype=torch.float64)]))
+    loss, recon, aux = (stats[:3] / info.world_size).tolist()
+    images = stats[3].item()
+    load = load_meter.reduce(all_reduce_sum)
+    record = {
+        "step": step, "epoch": epoch, "loss": loss, "recon_loss": recon, "aux_loss": aux,
+        "lr": engine.get_lr()[0], "images_per_s": images / max(elapsed, 1e-9), "images": images,
+        "skipped": dict(skipped), "expert_load": load,
+    }
+    if metrics:
+        metrics.write(record)
+    log.info("step %d epoch %d loss %.4f (recon %.4f aux %.4f) lr %.2e %.1f img/s", step, epoch, loss, recon, aux,
+             record["lr"], record["images_per_s"])
+    return loss

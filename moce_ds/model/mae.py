@@ -1,0 +1,240 @@
+"""Masked Autoencoder ViT (He et al.) from timm layers, with MoE MLPs in chosen encoder blocks.
+
+The model owns its loss: `forward` returns the normalised-pixel reconstruction loss plus the weighted
+auxiliary balance loss of its MoE layers, so the engine only calls backward and step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from moce_ds.config.schema import MoEConfig
+from moce_ds.model.pos_embed import sincos_pos_embed_2d
+from moce_ds.model.registry import MAESpec
+from moce_ds.moe.layer import MoEMlp
+
+__all__ = ["MAEOutput", "MaskedAutoencoderViT", "RoutedBlock", "moe_block_ids", "init_local_experts"]
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # recon_loss + aux_loss_weight * aux_loss: what backward() sees
+    recon_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    pred: torch.Tensor  # (B, L, p*p*3)
+    mask: torch.Tensor  # (B, L), 1 = removed
+
+
+class RoutedBlock(Block):
+    """timm's pre-norm Block whose MLP may be a MoE that needs each token's cluster id."""
+
+    def forward(self, x: torch.Tensor, cluster_ids: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        h = self.norm2(x)
+        h = self.mlp(h, cluster_ids) if isinstance(self.mlp, MoEMlp) else self.mlp(h)
+        return x + self.drop_path2(self.ls2(h))
+
+
+def moe_block_ids(depth: int, moe: MoEConfig) -> list[int]:
+    """Encoder blocks whose MLP is a MoE: the configured list, or every other block (1, 3, 5, ...)."""
+    if moe.routing == "dense":
+        return []
+    ids = list(range(1, depth, 2)) if moe.layers is None else sorted(set(moe.layers))
+    bad = [i for i in ids if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"moe.layers={moe.layers} names blocks {bad} outside the encoder's 0..{depth - 1}.")
+    return ids
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, spec: MAESpec, moe: MoEConfig, ep_size: int = 1, mask_ratio: float = 0.75,
+                 norm_pix_loss: bool = True) -> None:
+        super().__init__()
+        self.spec, self.moe_cfg = spec, moe
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.aux_loss_weight = moe.aux_loss_weight
+        d, p = spec.embed_dim, spec.patch_size
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)
+
+        # ---- encoder
+        self.patch_embed = PatchEmbed(spec.img_size, p, 3, d)
+        grid = spec.img_size // p
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Fixed sin-cos embeddings: a buffer, so no optimizer state and no "unused parameter".
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid).unsqueeze(0))
+        self.moe_blocks = moe_block_ids(spec.depth, moe)
+        moe_mlp = functools.partial(
+            MoEMlp, routing=moe.routing, num_experts=moe.num_experts, ep_size=ep_size, top_k=moe.top_k,
+            num_clusters=moe.num_clusters, capacity_factor=moe.capacity_factor,
+            eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
+            drop_tokens=moe.drop_tokens, gate_noise_std=moe.gate_noise_std, use_rts=moe.use_rts,
+        )
+        self.blocks = nn.ModuleList([
+            RoutedBlock(d, spec.num_heads, spec.mlp_ratio, qkv_bias=True, norm_layer=norm,
+                        mlp_layer=moe_mlp if i in self.moe_blocks else Mlp)
+            for i in range(spec.depth)
+        ])
+        self.norm = norm(d)
+
+        # ---- light decoder (always dense)
+        dd = spec.decoder_embed_dim
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(dd, grid).unsqueeze(0))
+        self.decoder_blocks = nn.ModuleList([
+            Block(dd, spec.decoder_num_heads, spec.mlp_ratio, qkv_bias=True, norm_layer=norm)
+            for _ in range(spec.decoder_depth)
+        ])
+        self.decoder_norm = norm(dd)
+        self.decoder_pred = nn.Linear(dd, p * p * 3)
+        self._init_weights()
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like nn.Linear, as in MAE
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.endswith("gate.wg"):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ MoE plumbing
+    def moe_layers(self) -> list[tuple[int, MoEMlp]]:
+        return [(i, self.blocks[i].mlp) for i in self.moe_blocks]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary balance losses from the last forward (0 for dense)."""
+        losses = [m.l_aux for _, m in self.moe_layers() if m.l_aux is not None]
+        return torch.stack(losses).sum() if losses else self.cls_token.new_zeros(())
+
+    # ------------------------------------------------------------------ pixels
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: (N, 3, H, W) -> (N, L, p*p*3)"""
+        p = self.spec.patch_size
+        n, c, h, w = imgs.shape
+        if h != w or h % p or c != 3:
+            raise ValueError(f"images must be (N, 3, S, S) with S divisible by {p}, got {tuple(imgs.shape)}.")
+        g = h // p
+        x = imgs.reshape(n, 3, g, p, g, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, g * g, p * p * 3)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, p*p*3) -> (N, 3, H, W)"""
+        p = self.spec.patch_size
+        g = int(math.isqrt(x.shape[1]))
+        x = x.reshape(x.shape[0], g, g, p, p, 3)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
+
+    # ------------------------------------------------------------------ masking
+    def num_kept(self, mask_ratio: float) -> int:
+        return int(self.spec.num_patches * (1 - mask_ratio))
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float):
+        """Per-sample random masking by argsort of uniform noise. x: (N, L, D) -> kept (N, K, D), mask, restore."""
+        n, length, d = x.shape
+        keep = self.num_kept(mask_ratio)
+        noise = torch.rand(n, length, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_kept, mask, ids_restore
+
+    # ------------------------------------------------------------------ forward
+    def _check_clusters(self, cluster: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if self.moe_cfg.routing != "cluster" or not self.moe_blocks:
+            return None
+        if cluster is None:
+            raise ValueError("moe.routing=cluster needs a cluster id per image; the batch has none.")
+        if cluster.shape != (batch,):
+            raise ValueError(f"cluster ids must have shape ({batch},), got {tuple(cluster.shape)}.")
+        lo, hi = int(cluster.min()), int(cluster.max())
+        if lo < 0 or hi >= self.moe_cfg.num_clusters:
+            raise ValueError(
+                f"cluster id {hi if hi >= self.moe_cfg.num_clusters else lo} is outside the gate's table of "
+                f"{self.moe_cfg.num_clusters} clusters: set moe.num_clusters to the clustering round's k "
+                f"or re-cluster with k={self.moe_cfg.num_clusters}."
+            )
+        return cluster.long()
+
+    def forward_encoder(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
+        """imgs (N, 3, H, W), cluster (N,) -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
+        cluster = self._check_clusters(cluster, imgs.shape[0])
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        token_clusters = None if cluster is None else cluster[:, None].expand(-1, x.shape[1])  # (N, 1+K)
+        for blk in self.blocks:
+            x = blk(x, token_clusters)
+        return self.norm(x), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
+        """The unmasked encoder's tokens (N, 1+L, D): what an exported dense ViT computes."""
+        latent, _, _ = self.forward_encoder(imgs, cluster, 0.0)
+        return latent
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)  # (N, L) per patch
+        return (loss * mask).sum() / mask.sum()  # mean over removed patches
+
+    def forward(self, imgs: torch.Tensor, cluster: torch.Tensor | None = None,
+                mask_ratio: float | None = None) -> MAEOutput:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, cluster, ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        recon = self.forward_loss(imgs, pred, mask)
+        aux = self.aux_loss()
+        return MAEOutput(recon + self.aux_loss_weight * aux, recon, aux, pred, mask)
+
+
+@torch.no_grad()
+def init_local_experts(model: MaskedAutoencoderViT, ep_rank: int, seed: int) -> None:
+    """Give every expert its own init from (seed, layer, global expert id).
+
+    DeepSpeed deep-copies one expert into all local slots (identical experts) and every rank would
+    otherwise draw the same numbers; this makes the init independent of ep_size as well.
+    """
+    for layer, moe in model.moe_layers():
+        local = moe.deepspeed_moe.experts.deepspeed_experts
+        for j, mlp in enumerate(local):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + layer * 1009 + ep_rank * len(local) + j)
+            for lin in (mlp.fc1, mlp.fc2):
+                bound = math.sqrt(6.0 / (lin.in_features + lin.out_features))  # xavier_uniform
+                lin.weight.copy_(torch.rand(lin.weight.shape, generator=gen) * 2 * bound - bound)
+                lin.bias.zero_()

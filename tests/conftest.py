@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory) -> Path:
+    """One embedded data set (with its k=16 cluster round) shared by every test that trains on it."""
+    from moce_ds.clustering.initial_round import ensure_embedded_round
+    from moce_ds.data.embedded import build_embedded_dataset
+
+    cache = tmp_path_factory.mktemp("embedded_cache")
+    ds = build_embedded_dataset(cache, seed=0)
+    ensure_embedded_round(ds, 16, seed=0)
+    return cache
