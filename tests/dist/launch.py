@@ -1,0 +1,35 @@
+"""Runs a script under the real `deepspeed` launcher with N CPU ranks (gloo) and returns its output."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_ds_config(path: Path, micro_batch: int = 16, **extra) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg.update(extra)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_deepspeed(script: str | Path, args: list[str], num_gpus: int = 2, timeout: int = 600,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+           "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,81 @@
+"""Two real ranks on CPU (deepspeed launcher, gloo), expert parallel ep_size=2, ZeRO-2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moce_ds.metrics import read_jsonl
+from tests.dist.launch import ROOT, run_deepspeed, write_ds_config
+
+WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_and_dump.py"
+pytestmark = pytest.mark.timeout(900)
+
+
+def _overrides(run: Path, cache: Path, steps: int) -> list[str]:
+    return [f"output_dir={run}", f"data.cache_dir={cache}", f"train.max_steps={steps}", "train.log_every=1",
+            "data.num_workers=1", "moe.ep_size=2", "moe.num_experts=4", "train.warmup_steps=5", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, embedded_cache):
+    run = tmp_path_factory.mktemp("run") / "uninterrupted"
+    ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
+    run_deepspeed(WORKER, [str(ds), *_overrides(run, embedded_cache, 40)])
+    return run, ds
+
+
+def test_loss_falls_with_experts_split_over_two_ranks(trained):
+    run, _ = trained
+    log = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    # every step routed the global batch (2 ranks x 16 images) through each MoE layer
+    for layer in log[-1]["expert_load"].values():
+        assert sum(layer["tokens_requested"]) == 2 * 16 * 17  # 1 cls + 16 kept patches per image
+        assert sum(layer["images"]) >= 2 * 16 * 0.9
+
+
+def test_local_experts_differ_between_ranks_shared_weights_identical(trained):
+    run, _ = trained
+    s0, s1 = (torch.load(run / f"state_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert s0.keys() == s1.keys()
+    expert_keys = [k for k in s0 if "deepspeed_experts" in k]
+    shared_keys = [k for k in s0 if k not in expert_keys]
+    assert len(expert_keys) == 3 * 2 * 4  # 3 MoE layers x 2 local experts x (fc1, fc2) x (weight, bias)
+    assert all(torch.equal(s0[k], s1[k]) for k in shared_keys)
+    assert all(not torch.equal(s0[k], s1[k]) for k in expert_keys if k.endswith("weight"))
+    assert any("gate.cluster_table" in k for k in shared_keys)
+
+
+def test_checkpoint_holds_every_expert_and_the_gate(trained):
+    run, _ = trained
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    files = {p.name for p in (run / "checkpoints" / tag).iterdir()}
+    for layer in range(3):
+        for expert in range(4):
+            assert f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" in files
+    shared = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    s0 = torch.load(run / "state_rank0.pt", weights_only=True)
+    gate_keys = [k for k in s0 if ".gate." in k]
+    assert gate_keys and all(torch.equal(shared[k], s0[k]) for k in gate_keys)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(trained, tmp_path, embedded_cache):
+    run, ds = trained
+    resumed = tmp_path / "resumed"
+    run_deepspeed(WORKER, [str(ds), *_overrides(resumed, embedded_cache, 25)])
+    run_deepspeed(WORKER, [str(ds), "--resume", *_overrides(resumed, embedded_cache, 40)])
+    full = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}
+    again = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl")}
+    assert sorted(again) == list(range(1, 41))
+    for step in (26, 27, 40):
+        assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    # gate weights survive the save -> load round trip
+    s_full = torch.load(run / "state_rank0.pt", weights_only=True)
+    s_again = torch.load(resumed / "state_rank0.pt", weights_only=True)
+    for k in (k for k in s_full if ".gate." in k):
+        assert torch.allclose(s_full[k], s_again[k], atol=1e-5), k
