@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 moe.num_experts=8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

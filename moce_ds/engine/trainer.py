@@ -80,7 +80,9 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     check_ds_config(ds, uses_moe)
     ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if uses_moe else 1
     resume_tag, resume_meta = _check_output_dir(cfg, resume)
-    barrier()  # rank 0 must not write the run folder before every rank has read it
+    setup_logging(None, info.rank)  # console only until the run folder may be written
+    data = prepare_training_data(cfg, info)  # may build the embedded set; writes nothing into the run folder
+    barrier()  # rank 0 must not write the run folder before every rank has checked it
 
     setup_logging(run_dir, info.rank)
     if info.is_main:
@@ -88,8 +90,6 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
         shutil.copyfile(ds_config_path, run_dir / "ds_config.json")
     log.info("world size %d (%s), ep_size %d, routing %s, %d experts", info.world_size, info.backend, ep_size,
              cfg.moe.routing, cfg.moe.num_experts)
-
-    data = prepare_training_data(cfg, info)
     log.info("data: %s; cluster round %s", data.description, None if data.round is None else data.round.round)
 
     micro, accum = micro_batch_size(ds), grad_accum_steps(ds)

@@ -1,0 +1,98 @@
+"""Bad inputs stop the real launcher before training with one clear line, and change nothing on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist.launch import ROOT, free_port, write_ds_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    # a single rank, as the deepspeed launcher would set it up, on a port no other test holds
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / "pretrain.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, embedded_cache) -> tuple[Path, Path]:
+    """A short single-rank run with a checkpoint, to resume (wrongly) from."""
+    run = tmp_path_factory.mktemp("bad") / "run"
+    ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
+    proc = _launch("--deepspeed_config", str(ds), f"output_dir={run}", f"data.cache_dir={embedded_cache}",
+                   "train.max_steps=2", "data.num_workers=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, ds
+
+
+@pytest.fixture(scope="module")
+def user_data_k16(tmp_path_factory, embedded_cache) -> Path:
+    """A user data folder (shards + manifest + one cluster round with k=16)."""
+    root = tmp_path_factory.mktemp("userdata")
+    src = embedded_cache / "embedded-v1"
+    for p in (src / "shards").iterdir():
+        (root / p.name).symlink_to(p)
+    shutil.copytree(src / "clusters", root / "clusters")
+    rounds = sorted((root / "clusters").glob("round_*"))
+    for extra in rounds[1:]:
+        shutil.rmtree(extra)
+    assert json.loads((rounds[0] / "manifest.json").read_text())["k"] == 16
+    return root
+
+
+def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path) -> list[tuple[list[str], str, Path]]:
+    zero3 = write_ds_config(tmp / "zero3.json", zero_optimization={"stage": 3})
+    new = tmp / "new_run"
+    common = [f"data.cache_dir={cache}", "data.num_workers=0"]
+    return [
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "moe.num_expert=4"],
+         "config error: unknown config key 'moe.num_expert'. Did you mean 'num_experts'?", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "train.epochs=ten"],
+         "config error: config key 'train.epochs' must be of type int", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "moe.ep_size=3"],
+         "config error: moe.num_experts=4 is not divisible by moe.ep_size=3", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "moe.ep_size=2", *common],
+         "error: moe.ep_size=2 does not divide the world size 1", new),
+        (["--deepspeed_config", str(zero3), f"output_dir={new}", *common],
+         "error: ZeRO stage 3 does not support DeepSpeed's native MoE", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"data.path={user_data}", "moe.num_clusters=8",
+          *common], "error: cluster round 0 at", new),
+        (["--deepspeed_config", str(ds), f"output_dir={run}", "moe.num_experts=8", "--resume", *common],
+         "error: checkpoint 'step00000002' in", run),
+        (["--deepspeed_config", str(ds), f"output_dir={run}", *common],
+         f"error: output_dir={run} already holds checkpoints", run),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "--resume", *common],
+         "error: --resume was given but", new),
+        (["--deepspeed_config", str(tmp / "missing.json"), f"output_dir={new}", *common],
+         "error: DeepSpeed config", new),
+    ]
+
+
+def test_bad_inputs_fail_fast_with_one_clear_line(finished_run, user_data_k16, tmp_path, embedded_cache):
+    run, ds = finished_run
+    failures = []
+    for args, expected, out_dir in _cases(run, ds, tmp_path, embedded_cache, user_data_k16):
+        before = _snapshot(out_dir)
+        proc = _launch(*args)
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        if proc.returncode != 2 or not last.startswith(expected):
+            failures.append(f"{args[-1]}: rc={proc.returncode}, last stderr line: {last!r}, expected {expected!r}")
+        if _snapshot(out_dir) != before:
+            failures.append(f"{args}: {out_dir} changed on disk")
+    assert not failures, "\n".join(failures)
