@@ -176,9 +176,11 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
         """imgs (N, 3, H, W), cluster (N,) -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
         cluster = self._check_clusters(cluster, imgs.shape[0])
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = self.patch_embed(imgs)
+        pos = self.pos_embed.to(x.dtype)  # DeepSpeed keeps buffers in fp32 under bf16; adding them would upcast x
+        x = x + pos[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         token_clusters = None if cluster is None else cluster[:, None].expand(-1, x.shape[1])  # (N, 1+K)
         for blk in self.blocks:
@@ -196,7 +198,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]

@@ -79,3 +79,14 @@ def test_resume_reproduces_the_uninterrupted_losses(trained, tmp_path, embedded_
     s_again = torch.load(resumed / "state_rank0.pt", weights_only=True)
     for k in (k for k in s_full if ".gate." in k):
         assert torch.allclose(s_full[k], s_again[k], atol=1e-5), k
+
+
+def test_bf16_config_trains_with_experts_split(tmp_path, embedded_cache):
+    """The GPU config's precision path (bf16 params, fp32 buffers) on two CPU ranks."""
+    ds = write_ds_config(tmp_path / "bf16.json", micro_batch=8, bf16={"enabled": True})
+    run = tmp_path / "bf16"
+    run_deepspeed(WORKER, [str(ds), *_overrides(run, embedded_cache, 3)])
+    log = read_jsonl(run / "metrics.jsonl")
+    assert len(log) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in log)  # finite, sane
+    state = torch.load(run / "state_rank0.pt", weights_only=True)
+    assert state["blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16

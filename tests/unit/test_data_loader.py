@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from moce_ds.data.keys import make_key
-from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, make_train_loader
+from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, SKIP_REASONS, make_train_loader
 from moce_ds.data.shard_writer import write_shards
 
 
@@ -40,7 +40,7 @@ def test_exact_batches_and_join(clean):
         assert b["images"].shape == (8, 3, 16, 16) and b["images"].dtype == torch.float32
         assert b["cluster"].dtype == torch.int64 and b["index"].dtype == torch.int64
         assert b["cluster"].tolist() == ids[b["index"].numpy()].tolist()
-        assert b["skipped"] == {"decode_error": 0, "missing_cluster": 0, "bad_key": 0}
+        assert b["skipped"] == dict.fromkeys(SKIP_REASONS, 0)
     # normalised with ImageNet statistics: uniform random pixels have mean ~0.5 -> (0.5 - mean) / std
     expect = ((0.5 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).mean()
     got = torch.cat([b["images"] for b in batches]).mean()
@@ -97,7 +97,7 @@ def test_bad_samples_skipped_and_counted(dirty, workers, caplog):
     assert len(batches) == 4
     for b in batches:
         assert sorted(b["index"].tolist()) == [0, 1, 2, 4, 5, 7, 8, 9]
-        assert b["skipped"] == {"decode_error": 1, "missing_cluster": 1, "bad_key": 0}
+        assert b["skipped"] == dict(dict.fromkeys(SKIP_REASONS, 0), decode_error=1, missing_cluster=1)
     if workers == 0:  # logged once per reason (worker processes log to their own handlers)
         warnings = [r.getMessage() for r in caplog.records if r.name == "moce_ds" and r.levelname == "WARNING"]
         assert len(warnings) == 2

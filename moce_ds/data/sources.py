@@ -1,0 +1,139 @@
+"""Where shards come from: brace patterns, lists, manifests, ``pipe:`` / URL sources; and how they are read.
+
+:func:`resolve_shards` turns any of the accepted forms into a :class:`ShardSource` (URLs plus, when a manifest
+names them, the sample count of each shard). :func:`read_tar_samples` is the tar stage of the streaming loader:
+it groups tar members into samples like webdataset's ``tarfile_to_samples``, but reports a shard that breaks off
+(truncated file, unreadable stream, fewer samples than its manifest says) as a skip *marker* in the stream,
+so the decode stage counts it with the other bad samples and the strict mode can name shard and key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+__all__ = ["SKIP_MARKER", "ShardSource", "read_tar_samples", "resolve_shards"]
+
+# A sample dict with this key is not a sample but a skip report: {SKIP_MARKER: reason, "__url__", "__key__", detail}
+SKIP_MARKER = "__skip__"
+_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # pipe:, http:, s3:, file: ...
+# webdataset's base_plus_ext: the key is everything before the first dot of the file name
+_MEMBER_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    urls: list[str]
+    counts: list[int] | None  # samples per shard (from a manifest), None when not known
+    manifest: dict | None = None
+    root: Path | None = None  # folder of the manifest (cluster rounds live in <root>/clusters)
+
+    @property
+    def total(self) -> int | None:
+        return None if self.counts is None else sum(self.counts)
+
+
+def _is_url(s: str) -> bool:
+    return bool(_URL_RE.match(s)) and not re.match(r"^[a-zA-Z]:[\\/]", s)  # not a Windows drive letter
+
+
+def _from_manifest(path: Path) -> ShardSource:
+    meta = json.loads(path.read_text())
+    if "shards" not in meta:
+        raise ValueError(f"{path} is not a shard manifest (no 'shards' list)")
+    root = path.parent
+    urls, counts = [], []
+    for s in meta["shards"]:
+        name = str(s["name"])
+        urls.append(name if _is_url(name) or Path(name).is_absolute() else str(root / name))
+        counts.append(int(s["num_samples"]))
+    return ShardSource(urls, counts, meta, root)
+
+
+def resolve_shards(source: str | Path | Sequence[str | Path]) -> ShardSource:
+    """Accepts a folder with ``manifest.json``, a manifest path, a brace pattern (``/d/shard-{00000..00099}.tar``,
+    ``::`` joins several), a ``pipe:``/``http(s):``/other URL, or a list of any of these but manifests."""
+    if isinstance(source, (str, Path)):
+        s = str(source)
+        if not _is_url(s):
+            p = Path(s)
+            if p.is_dir():
+                if not (p / "manifest.json").is_file():
+                    raise ValueError(f"shard folder {p} has no manifest.json: write it with launchers/make_shards.py "
+                                     f"or pass a brace pattern of its shards")
+                return _from_manifest(p / "manifest.json")
+            if p.suffix == ".json" and p.is_file():
+                return _from_manifest(p)
+        urls = expand_urls(s)
+    else:
+        urls = [u for item in source for u in expand_urls(str(item))]
+    if not urls:
+        raise ValueError(f"no shard urls in {source!r}")
+    return ShardSource(urls, None)
+
+
+def _skip(reason: str, url: str, key: str, detail: str, count: int = 1) -> dict:
+    return {SKIP_MARKER: reason, "__url__": url, "__key__": key, "detail": detail, "count": count}
+
+
+def read_tar_samples(src: Iterator[dict], expected: dict[str, int] | None = None) -> Iterator[dict]:
+    """``{"url": ...}`` dicts -> samples ``{"__key__", "__url__", <ext>: bytes, ...}`` (+ skip markers).
+
+    A tar cut inside a member raises in ``tarfile``; the samples before the break are kept, the one being read is
+    dropped and reported as ``truncated_tar`` with its key. A tar cut at a header boundary reads as a clean end,
+    so when ``expected`` (url -> samples from the manifest) is known, a short shard is reported as well.
+    """
+    for shard in src:
+        url = shard["url"]
+        current: dict | None = None
+        n_done = 0
+        stream = None
+        error: str | None = None
+        try:
+            stream = wds.gopen(url)
+            # "r|*": sequential reading of a (possibly compressed) stream; works for pipes and HTTP bodies
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    m = _MEMBER_RE.match(info.name)
+                    if m is None or m.group(1).rsplit("/", 1)[-1].startswith("__"):
+                        continue  # no extension, or webdataset metadata (__xxx__)
+                    key, ext = m.group(1), m.group(2).lower()
+                    if current is None or key != current["__key__"]:
+                        if current is not None:
+                            yield current
+                            n_done += 1
+                        current = {"__key__": key, "__url__": url}
+                    current[ext] = tar.extractfile(info).read()
+                    tar.members = []  # why: TarFile keeps every TarInfo otherwise (memory grows per shard)
+        except Exception as e:  # noqa: BLE001 - any broken or unreadable shard is a bad input, never a crash
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()  # a pipe: source reports a failed command here
+                except Exception as e:  # noqa: BLE001
+                    error = error or f"{type(e).__name__}: {e}"
+        want = None if expected is None else expected.get(url)
+        if error is not None:
+            # the sample being read when the shard broke off is incomplete: drop it, name it; count the samples
+            # lost when the manifest says how many there were, else the one
+            key = current["__key__"] if current is not None else "?"
+            lost = max(1, want - n_done) if want is not None else 1
+            yield _skip("truncated_tar", url, key, f"shard broke off after {n_done} complete samples ({error})", lost)
+            continue
+        if current is not None:
+            yield current
+            n_done += 1
+        if want is not None and n_done < want:
+            last = current["__key__"] if current is not None else "?"
+            yield _skip("truncated_tar", url, last, f"shard ended after {n_done} of the {want} samples its manifest "
+                                                     f"lists (the file is cut short)", want - n_done)
