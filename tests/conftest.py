@@ -25,3 +25,14 @@ def embedded_cache(tmp_path_factory) -> Path:
     ds = build_embedded_dataset(cache, seed=0)
     ensure_embedded_round(ds, 16, seed=0)
     return cache
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory, embedded_cache) -> tuple[Path, Path]:
+    """40 steps of MoCE on 2 real ranks (ep_size=2, ZeRO-2); returns (run folder, DeepSpeed config)."""
+    from tests.dist.launch import WORKER, run_deepspeed, two_rank_overrides, write_ds_config
+
+    run = tmp_path_factory.mktemp("run") / "uninterrupted"
+    ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
+    run_deepspeed(WORKER, [str(ds), *two_rank_overrides(run, embedded_cache, 40)])
+    return run, ds

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from moce_ds.config.schema import ROUTINGS, Config
+from moce_ds.config.schema import INIT_TABLES, REFRESH_FEATURES, ROUTINGS, Config
 
 __all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "parse_overrides"]
 
@@ -157,6 +157,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.epochs must be >= 1 and train.max_steps >= 0 (0: no step limit).")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must have two values, got {t.betas}.")
+    c = cfg.cluster
+    if c.refresh_every < 0 or c.max_images < 0:
+        raise ConfigError("cluster.refresh_every and cluster.max_images must be >= 0 (0: off / all images).")
+    if c.features not in REFRESH_FEATURES:
+        raise ConfigError(f"cluster.features='{c.features}' is not one of {'|'.join(REFRESH_FEATURES)}.")
+    if c.iters < 1 or c.tol < 0:
+        raise ConfigError("cluster.iters must be >= 1 and cluster.tol >= 0.")
+    if c.init_table not in INIT_TABLES:
+        raise ConfigError(f"cluster.init_table='{c.init_table}' is not one of {'|'.join(INIT_TABLES)}.")
+    if c.lpt_margin <= 0:
+        raise ConfigError(f"cluster.lpt_margin={c.lpt_margin} must be > 0.")
+    if c.refresh_every and m.routing != "cluster":
+        raise ConfigError("cluster.refresh_every > 0 needs moe.routing=cluster (only the cluster gate uses rounds).")
     if not cfg.output_dir:
         raise ConfigError("output_dir is empty; set output_dir=runs/<name>.")
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "Config", "ROUTINGS"]
+__all__ = ["ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "ClusterConfig", "Config", "ROUTINGS",
+           "INIT_TABLES", "REFRESH_FEATURES"]
 
 ROUTINGS = ("dense", "token", "cluster")
+INIT_TABLES = ("random", "centroids", "lpt")
+REFRESH_FEATURES = ("encoder", "pixel")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     strict: bool = False  # True: the first bad sample is an error instead of a skip
+    resampled: bool = True  # False: each shard read once per epoch (split by rank and worker; needs a manifest)
     cluster_seed: int = 0
 
 
@@ -63,9 +67,25 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """In-training centroid refresh and the gate table's start (the offline job takes its own CLI flags)."""
+
+    refresh_every: int = 0  # epochs between refreshes (new round from the current encoder); 0: off
+    features: str = "encoder"  # refresh features: encoder (mean of unmasked patch tokens, unit norm) | pixel
+    max_images: int = 0  # refresh featurises at most this many images (spread over ranks); 0: all
+    iters: int = 20  # Lloyd iterations at most
+    tol: float = 1e-4  # stop when the objective's relative change is below this
+    seed: int = 0  # k-means++ seed (the refresh adds the epoch)
+    spherical: bool = True  # cosine k-means (features are unit norm)
+    init_table: str = "centroids"  # gate cluster table at step 0: random | centroids (if width fits) | lpt
+    lpt_margin: float = 4.0  # init_table=lpt: logit of the packed expert above the others
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/moce"
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

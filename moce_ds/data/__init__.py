@@ -10,9 +10,19 @@ from moce_ds.data.embedded import (
     load_task,
 )
 from moce_ds.data.keys import key_index, make_key
-from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, SKIP_REASONS, make_train_loader
+from moce_ds.data.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SKIP_REASONS,
+    EpochLoader,
+    epoch_batches,
+    make_train_loader,
+    rank_shards,
+)
+from moce_ds.data.make_shards import make_shards
 from moce_ds.data.shard_writer import write_shards
 from moce_ds.data.sidecar import ClusterRound, check_round_matches, latest_round, load_round, write_round
+from moce_ds.data.sources import ShardSource, resolve_shards
 
 __all__ = [
     "EMBEDDED_VERSION",
@@ -21,16 +31,22 @@ __all__ = [
     "SKIP_REASONS",
     "ClusterRound",
     "EmbeddedDataset",
+    "EpochLoader",
+    "ShardSource",
     "TaskSpec",
     "build_embedded_dataset",
     "check_round_matches",
     "default_cache_dir",
     "embedded_tasks",
+    "epoch_batches",
     "key_index",
     "latest_round",
     "load_round",
     "load_task",
+    "rank_shards",
+    "resolve_shards",
     "make_key",
+    "make_shards",
     "make_train_loader",
     "write_round",
     "write_shards",

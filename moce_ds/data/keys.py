@@ -12,7 +12,8 @@ __all__ = ["key_index", "make_key"]
 
 _DOMAIN_RE = re.compile(r"^[a-z0-9_]+$")
 # Why no dots: webdataset splits a member name at the first dot into key and extension.
-_KEY_RE = re.compile(r"^([a-z0-9_]+)-(\d+)$")
+# [0-9], not \d: \d also matches non-ASCII digits; fullmatch: ~0.6 us per key (it runs once per sample)
+_KEY_RE = re.compile(r"([a-z0-9_]+)-([0-9]+)")
 
 
 def make_key(index: int, domain: str) -> str:
@@ -26,7 +27,7 @@ def make_key(index: int, domain: str) -> str:
 
 def key_index(key: str) -> int:
     """Parse the trailing global integer index of a key made by :func:`make_key`."""
-    m = _KEY_RE.match(key) if isinstance(key, str) else None
+    m = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
     if m is None:
         raise ValueError(f"malformed sample key {key!r}: expected '<domain>-<integer index>' with domain [a-z0-9_]+")
-    return int(m.group(2))
+    return int(m[2])

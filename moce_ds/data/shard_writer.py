@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moce_ds.data.keys import key_index
 
-__all__ = ["atomic_write_json", "sha256_file", "write_shards"]
+__all__ = ["add_member", "atomic_write_json", "sha256_file", "write_shards"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -37,7 +37,7 @@ def atomic_write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # why: byte-identical shards for identical input (stable sha256)
@@ -88,9 +88,9 @@ def write_shards(
             if tar is None:
                 tmp_path = out_dir / f".{prefix}-{len(shards):05d}.tar.tmp-{os.getpid()}"
                 tar = tarfile.open(tmp_path, "w")  # noqa: SIM115 - spans loop iterations; closed below
-            _add_member(tar, f"{key}.png", png)
+            add_member(tar, f"{key}.png", png)
             if label is not None:
-                _add_member(tar, f"{key}.cls", str(int(label)).encode())
+                add_member(tar, f"{key}.cls", str(int(label)).encode())
             count += 1
             if count >= max_per_shard:
                 close_current()

@@ -28,7 +28,7 @@ from moce_ds.engine.checkpoint import (
 from moce_ds.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_ep_size
 from moce_ds.engine.ds_config import check_ds_config, compute_dtype, grad_accum_steps, load_ds_config, micro_batch_size
 from moce_ds.engine.schedule import build_optimizer
-from moce_ds.engine.training_data import TrainingData, prepare_training_data
+from moce_ds.engine.training_data import TrainingData, epoch_round, prepare_training_data, steps_per_epoch
 from moce_ds.metrics import ExpertLoadMeter, JsonlWriter, setup_logging
 from moce_ds.model import build_model, get_spec
 
@@ -94,11 +94,12 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
 
     micro, accum = micro_batch_size(ds), grad_accum_steps(ds)
     global_batch = micro * accum * info.world_size
-    steps_per_epoch = data.num_samples // global_batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"the data set has {data.num_samples} images, fewer than one global batch of {global_batch}: "
+    epoch_steps = steps_per_epoch(cfg, data, micro, accum, info.world_size)
+    if epoch_steps < 1:
+        raise ValueError(f"the data set has {data.num_samples} images, fewer than one global batch of {global_batch}"
+                         f"{'' if cfg.data.resampled else ' per rank share of shards'}: "
                          f"lower train_micro_batch_size_per_gpu in the DeepSpeed config.")
-    total_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = cfg.train.epochs * epoch_steps
 
     model = build_model(cfg, ep_size, ep_rank=info.rank % ep_size)
     if data.round is not None and cfg.moe.routing == "cluster":
@@ -123,7 +124,7 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
 
     metrics = JsonlWriter(run_dir / "metrics.jsonl") if info.is_main else None
     load_meter = ExpertLoadMeter(model.moe_layers(), cfg.moe.num_experts)
-    result = _train_loop(cfg, info, engine, model, data, metrics, load_meter, micro, accum, steps_per_epoch,
+    result = _train_loop(cfg, info, engine, model, data, metrics, load_meter, micro, accum, epoch_steps,
                          total_steps, dtype, step, epoch, skip_micro)
     if metrics:
         metrics.close()
@@ -134,14 +135,15 @@ def _train_loop(cfg, info: DistInfo, engine, model, data: TrainingData, metrics,
                 steps_per_epoch: int, total_steps: int, dtype, step: int, epoch: int,
                 skip_micro: int) -> PretrainResult:
     max_steps = cfg.train.max_steps or total_steps
-    ids_path = None if data.round is None else data.round.path / "ids.npy"
+    rnd = data.round
     skipped: dict[str, int] = {}
     last_loss, ckpt_path = float("nan"), None
     interval_loss = torch.zeros(3, dtype=torch.float64)  # loss, recon, aux summed over micro-batches
     interval_micro, t_last = 0, time.perf_counter()
 
     def position(ep: int, micro_in_epoch: int) -> dict:
-        return {"step": step, "epoch": ep, "micro_in_epoch": micro_in_epoch}
+        return {"step": step, "epoch": ep, "micro_in_epoch": micro_in_epoch,
+                "cluster_round": None if rnd is None else str(rnd.path.resolve())}  # the round in use
 
     def checkpoint(ep: int, micro_in_epoch: int) -> Path:
         tag = f"step{step:08d}"
@@ -156,11 +158,13 @@ def _train_loop(cfg, info: DistInfo, engine, model, data: TrainingData, metrics,
     while epoch < cfg.train.epochs and step < max_steps:
         micro_per_epoch = steps_per_epoch * accum
         torch.manual_seed(step_seed(cfg.train.seed, info.rank, -1 - epoch))  # fixes the loader workers' seeds
+        rnd = epoch_round(cfg, data, rnd)  # rank 0 picks the round (a refresh may have added one), all follow
+        ids_path = None if rnd is None else rnd.path / "ids.npy"
         loader = make_train_loader(
-            data.urls, ids_path, batch_size=micro, steps_per_epoch=micro_per_epoch,
+            data.source, ids_path, batch_size=micro, steps_per_epoch=micro_per_epoch,
             image_size=model.spec.img_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
             shuffle_buffer=cfg.data.shuffle_buffer, strict=cfg.data.strict, rank=info.rank,
-            world_size=info.world_size)
+            world_size=info.world_size, resampled=cfg.data.resampled)
         micro_in_epoch = 0
         for batch in loader:
             for reason, n in batch["skipped"].items():

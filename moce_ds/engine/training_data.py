@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from moce_ds.config.schema import Config
-from moce_ds.data.sidecar import ClusterRound, check_round_matches, latest_round
+from moce_ds.data.loader import epoch_batches
+from moce_ds.data.sidecar import ClusterRound, check_round_matches, latest_round, load_round
+from moce_ds.data.sources import ShardSource, resolve_shards
 from moce_ds.engine.distributed import DistInfo, barrier, broadcast_object
 
-__all__ = ["TrainingData", "prepare_training_data"]
+__all__ = ["TrainingData", "epoch_round", "prepare_training_data", "steps_per_epoch"]
 
 log = logging.getLogger("moce_ds")
 
@@ -20,8 +21,14 @@ log = logging.getLogger("moce_ds")
 class TrainingData:
     urls: list[str]
     num_samples: int
-    round: ClusterRound | None
+    round: ClusterRound | None  # the round found at start-up; epoch_round() re-picks it at every epoch start
     description: str
+    shard_counts: list[int] | None = None  # samples per shard, from the manifest
+    clusters_root: Path | None = None  # where the rounds live (<shards>/clusters)
+
+    @property
+    def source(self) -> ShardSource:
+        return ShardSource(self.urls, self.shard_counts)
 
 
 def _embedded(cfg: Config, info: DistInfo) -> TrainingData:
@@ -41,23 +48,28 @@ def _embedded(cfg: Config, info: DistInfo) -> TrainingData:
     if error:
         raise RuntimeError(f"building the embedded data set failed on rank 0: {error}")
     ds = build_embedded_dataset(cache, seed=cfg.data.cluster_seed)
-    rnd = latest_round(ds.root / "clusters")
-    return TrainingData(ds.shard_urls, ds.num_train, rnd, f"embedded set at {ds.root} ({ds.num_train} images)")
+    clusters = ds.root / "clusters"
+    counts = None
+    if (ds.root / "shards" / "manifest.json").is_file():
+        counts = resolve_shards(ds.root / "shards").counts
+    return TrainingData(ds.shard_urls, ds.num_train, latest_round(clusters),
+                        f"embedded set at {ds.root} ({ds.num_train} images)", counts, clusters)
 
 
 def _sharded(cfg: Config) -> TrainingData:
-    root = Path(cfg.data.path)
-    manifest = root / "manifest.json"
+    path = Path(cfg.data.path)
+    manifest = path if path.suffix == ".json" else path / "manifest.json"
     if not manifest.is_file():
-        raise ValueError(f"data.path='{root}' has no manifest.json: point it at a folder written by "
+        raise ValueError(f"data.path='{path}' has no manifest.json: point it at a folder written by "
                          f"launchers/make_shards.py (or leave data.path empty for the embedded set).")
-    meta = json.loads(manifest.read_text())
-    urls = [str(root / s["name"]) for s in meta["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
+    src = resolve_shards(manifest)
+    missing = [u for u in src.urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
     if missing:
-        raise ValueError(f"data.path='{root}': {len(missing)} shard(s) named in manifest.json are missing, "
+        raise ValueError(f"data.path='{path}': {len(missing)} shard(s) named in manifest.json are missing, "
                          f"e.g. {missing[0]}; re-run make_shards.py to complete them.")
-    return TrainingData(urls, int(meta["total"]), latest_round(root / "clusters"), f"{len(urls)} shards in {root}")
+    root = manifest.parent
+    return TrainingData(src.urls, int(src.total), latest_round(root / "clusters"),
+                        f"{len(src.urls)} shards in {root}", src.counts, root / "clusters")
 
 
 def prepare_training_data(cfg: Config, info: DistInfo) -> TrainingData:
@@ -67,4 +79,41 @@ def prepare_training_data(cfg: Config, info: DistInfo) -> TrainingData:
             raise ValueError(f"moe.routing=cluster needs cluster ids, and {data.description} has no clustering "
                              f"round: run launchers/cluster.py on it first.")
         check_round_matches(data.round, cfg.moe.num_clusters)
+    if not cfg.data.resampled and data.shard_counts is None:
+        raise ValueError(f"data.resampled=false needs per-shard sample counts, and {data.description} has no "
+                         f"shard manifest: write the shards with launchers/make_shards.py or use data.resampled=true.")
     return data
+
+
+def steps_per_epoch(cfg: Config, data: TrainingData, micro: int, accum: int, world_size: int) -> int:
+    """Optimizer steps per epoch, the same on every rank.
+
+    Resampled: the data set's size over the global batch. Non-resampled: the micro-batches every rank can deliver
+    from its share of the shards whatever the epoch's shard permutation (loader.epoch_batches), in whole steps.
+    """
+    if cfg.data.resampled:
+        return data.num_samples // (micro * accum * world_size)
+    return epoch_batches(data.shard_counts, micro, world_size) // accum
+
+
+def epoch_round(cfg: Config, data: TrainingData, current: ClusterRound | None) -> ClusterRound | None:
+    """The cluster round to route with from this epoch on; call at every epoch start, on every rank.
+
+    Rank 0 picks the newest complete round (a refresh may have written one since the last epoch) and broadcasts
+    its number, so all ranks switch at the same boundary even if their views of the folder differ; each rank then
+    loads that round and refuses one whose k does not match the gate table. Without cluster routing: ``current``.
+    """
+    if cfg.moe.routing != "cluster" or data.clusters_root is None:
+        return current
+    newest = latest_round(data.clusters_root)
+    picked = broadcast_object(None if newest is None else newest.round)  # rank 0's choice on every rank
+    if picked is None:
+        return current
+    if current is not None and picked == current.round:
+        return current
+    rnd = load_round(data.clusters_root, int(picked))
+    check_round_matches(rnd, cfg.moe.num_clusters)
+    if current is not None:
+        log.info("cluster round %d -> %d (k=%d, %s)", current.round, rnd.round, rnd.k,
+                 rnd.manifest.get("feature_source", "?"))
+    return rnd

@@ -179,7 +179,11 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs)
         pos = self.pos_embed.to(x.dtype)  # DeepSpeed keeps buffers in fp32 under bf16; adding them would upcast x
         x = x + pos[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        if mask_ratio > 0:
+            x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        else:  # no masking: keep the patch order, so tokens line up with a plain ViT's
+            mask = x.new_zeros(x.shape[:2])
+            ids_restore = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         token_clusters = None if cluster is None else cluster[:, None].expand(-1, x.shape[1])  # (N, 1+K)

@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_and_dump.py"  # pretrain, then dump each rank's weights
+
+
+def two_rank_overrides(run: Path, cache: Path, steps: int) -> list[str]:
+    """The 2-rank, ep_size=2 test configuration (micro-batch 16 comes from write_ds_config)."""
+    return [f"output_dir={run}", f"data.cache_dir={cache}", f"train.max_steps={steps}", "train.log_every=1",
+            "data.num_workers=1", "moe.ep_size=2", "moe.num_experts=4", "train.warmup_steps=5", "train.epochs=2"]
 
 
 def free_port() -> int:
@@ -31,5 +38,6 @@ def run_deepspeed(script: str | Path, args: list[str], num_gpus: int = 2, timeou
            "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from moce_ds.metrics import read_jsonl
-from tests.dist.launch import ROOT, run_deepspeed, write_ds_config
+from tests.dist.launch import WORKER, run_deepspeed, write_ds_config
+from tests.dist.launch import two_rank_overrides as _overrides
 
-WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_and_dump.py"
 pytestmark = pytest.mark.timeout(900)
 
 
-def _overrides(run: Path, cache: Path, steps: int) -> list[str]:
-    return [f"output_dir={run}", f"data.cache_dir={cache}", f"train.max_steps={steps}", "train.log_every=1",
-            "data.num_workers=1", "moe.ep_size=2", "moe.num_experts=4", "train.warmup_steps=5", "train.epochs=2"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, embedded_cache):
-    run = tmp_path_factory.mktemp("run") / "uninterrupted"
-    ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
-    run_deepspeed(WORKER, [str(ds), *_overrides(run, embedded_cache, 40)])
-    return run, ds
+@pytest.fixture
+def trained(two_rank_run):
+    return two_rank_run
 
 
 def test_loss_falls_with_experts_split_over_two_ranks(trained):

@@ -1,0 +1,43 @@
+"""Task customisation: a MoCE checkpoint + a downstream task -> a dense timm ViT and a selection report.
+
+    python launchers/customize.py --checkpoint runs/moce --task digits --out runs/moce/custom/digits
+    (--task: an embedded task name, an ImageFolder folder or a folder of shards)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="run folder, checkpoints/ folder or a tag folder")
+    p.add_argument("--task", required=True, help="embedded task (digits, faces, texture_photo, microscopy) or folder")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/custom/<task>)")
+    p.add_argument("--centroids", type=Path, default=None, help="clustering round folder (default: the run's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier rows in the export (default: 1000 for timm's standard names, else 0)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="embedded data set cache (default ~/.cache/moce_ds)")
+    args = p.parse_args(argv)
+
+    from moce_ds.customize import customize
+    from moce_ds.metrics import setup_logging
+
+    setup_logging(None, 0)
+    out = args.out or (args.checkpoint / "custom" / Path(args.task).name)
+    try:
+        res = customize(args.checkpoint, args.task, out, args.centroids, args.num_classes, args.cache_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((res.report["markdown"]).read_text())
+    print(f"dense ViT: {res.checkpoint}\nload it with: {res.timm_call}\nreport: {res.report['heatmap']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

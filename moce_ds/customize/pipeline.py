@@ -1,0 +1,58 @@
+"""customize(): checkpoint + centroids + downstream task -> dense timm ViT + selection report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from moce_ds.clustering.round_features import features_for_source
+from moce_ds.customize.export import dense_state_dict, save_dense, timm_kwargs, timm_vit
+from moce_ds.customize.pretrained import load_pretrained
+from moce_ds.customize.report import write_report
+from moce_ds.customize.selection import Selection, cluster_histogram, select_experts
+from moce_ds.customize.task_data import load_task_data
+
+__all__ = ["CustomizeResult", "customize"]
+
+log = logging.getLogger("moce_ds")
+
+
+@dataclass
+class CustomizeResult:
+    checkpoint: Path  # the dense timm checkpoint
+    selection: Selection
+    report: dict[str, Path]
+    timm_call: str
+
+
+def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None = None,
+              num_classes: int | None = None, cache_dir: Path | None = None) -> CustomizeResult:
+    pre = load_pretrained(checkpoint, centroids=centroids)
+    if pre.round is None:
+        raise ValueError(f"no clustering round found for {checkpoint}: pass --centroids <round folder>.")
+    spec = pre.model.spec
+    if cache_dir is None and pre.cfg.data.cache_dir:
+        cache_dir = Path(pre.cfg.data.cache_dir)  # the embedded set the checkpoint was trained on
+    data = load_task_data(task, spec.img_size, cache_dir)
+    manifest = pre.round.manifest
+    feats = features_for_source(manifest["feature_source"], data.all_images)
+    hist = cluster_histogram(feats, pre.round.centroids(), spherical=bool(manifest.get("spherical", False)))
+    sel = select_experts(pre.model, hist)
+    log.info("task %s: %d images; chosen experts %s", data.name, len(feats), sel.chosen)
+
+    n_cls = (1000 if spec.timm_name else 0) if num_classes is None else num_classes
+    state = dense_state_dict(pre.model, sel.chosen, sel.scales, n_cls)
+    timm_vit(spec, n_cls).load_state_dict(state, strict=True)  # refuse to write anything timm would not load
+    name = spec.timm_name or f"vit_{pre.cfg.model.size}"
+    path = save_dense(state, out_dir / f"{name}_{data.name}.pth", timm_kwargs(spec, n_cls))
+    if spec.timm_name:
+        call = f'timm.create_model("{spec.timm_name}", checkpoint_path="{path}")'
+    else:
+        args = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(spec, n_cls).items())
+        call = f'm = VisionTransformer({args}); m.load_state_dict(torch.load("{path}"))'
+    extra = {"checkpoint": str(pre.ckpt_dir / pre.tag), "cluster_round": str(pre.round.path),
+             "dense_checkpoint": str(path), "load_in_timm": call, "num_images": int(len(feats))}
+    report = write_report(out_dir, data.name, sel, extra)
+    return CustomizeResult(path, sel, report, call)
+

@@ -1,0 +1,90 @@
+"""Load a pre-training checkpoint (written with any ep_size) into one process, all experts local.
+
+DeepSpeed writes the shared weights (gates included) to `mp_rank_00_model_states.pt` and every expert to
+`layer_L_expert_E_mp_rank_00_model_states.pt` with its *global* expert id, so rebuilding the model with
+ep_size=1 and reading every expert file gives the same model whatever ep_size wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moce_ds.config import Config, load_config
+from moce_ds.data.sidecar import ClusterRound, latest_round, load_round
+from moce_ds.model import MaskedAutoencoderViT, build_model
+
+__all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
+
+
+@dataclass
+class Pretrained:
+    cfg: Config
+    model: MaskedAutoencoderViT  # eval mode, ep_size=1, float32
+    tag: str
+    ckpt_dir: Path
+    round: ClusterRound | None
+
+
+def resolve_checkpoint(path: Path, tag: str | None = None) -> tuple[Path, Path, str]:
+    """A run folder, its checkpoints/ folder or one tag folder -> (run_dir, checkpoints_dir, tag)."""
+    path = Path(path)
+    if (path / "moce_meta.json").is_file():  # a tag folder
+        return path.parent.parent, path.parent, path.name
+    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    run_dir = ckpts.parent
+    if tag is None:
+        latest = ckpts / "latest"
+        if not latest.is_file():
+            raise ValueError(f"{path} holds no checkpoint ('latest' is missing): pass a run folder written by "
+                             f"launchers/pretrain.py or a checkpoint tag folder.")
+        tag = latest.read_text().strip()
+    if not (ckpts / tag / "mp_rank_00_model_states.pt").is_file():
+        raise ValueError(f"checkpoint {ckpts / tag} is incomplete (no mp_rank_00_model_states.pt).")
+    return run_dir, ckpts, tag
+
+
+def _round_for(meta: dict, run_dir: Path, cfg: Config, centroids: Path | None) -> ClusterRound | None:
+    if centroids is not None:  # an explicit round folder wins
+        root, name = centroids.parent, centroids.name
+        return load_round(root, int(name.split("_")[-1]))
+    saved = meta.get("position", {}).get("cluster_round")
+    if saved and Path(saved).is_dir():
+        return load_round(Path(saved).parent, int(Path(saved).name.split("_")[-1]))
+    if cfg.data.path:
+        return latest_round(Path(cfg.data.path) / "clusters")
+    # the embedded set: its newest round with the gate table's k
+    from moce_ds.data.embedded import EMBEDDED_VERSION, default_cache_dir
+
+    root = (Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()) / f"embedded-{EMBEDDED_VERSION}"
+    rounds = sorted((root / "clusters").glob("round_*"), reverse=True)
+    for r in rounds:
+        rnd = load_round(r.parent, int(r.name.split("_")[-1]))
+        if rnd.k == cfg.moe.num_clusters:
+            return rnd
+    return None
+
+
+def load_pretrained(path: Path, tag: str | None = None, centroids: Path | None = None) -> Pretrained:
+    run_dir, ckpts, tag = resolve_checkpoint(path, tag)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir} has no config.yaml next to its checkpoints; cannot rebuild the model.")
+    cfg = load_config([config_file])
+    cfg.moe.ep_size = 1
+    model = build_model(cfg, ep_size=1)
+    state = torch.load(ckpts / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    for layer_file in sorted((ckpts / tag).glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(layer_file, map_location="cpu", weights_only=True))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpts / tag} does not match its config.yaml: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}.")
+    meta_file = ckpts / tag / "moce_meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    model.eval()
+    return Pretrained(cfg, model, tag, ckpts, _round_for(meta, run_dir, cfg, centroids))

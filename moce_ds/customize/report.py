@@ -1,0 +1,64 @@
+"""The selection report: JSON, a short markdown table and a PNG heat map of expert scores per layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moce_ds.customize.selection import Selection  # noqa: E402
+
+__all__ = ["write_report"]
+
+
+def _markdown(task: str, sel: Selection, extra: dict) -> str:
+    experts = len(next(iter(sel.scores.values())))
+    top = np.argsort(-sel.histogram)[:5]
+    lines = [
+        f"# Expert selection for task `{task}`",
+        "",
+        "Top clusters of the task: " + ", ".join(f"c{c} ({sel.histogram[c]:.0%})" for c in top if sel.histogram[c]),
+        "",
+        "| MoE block | " + " | ".join(f"e{e}" for e in range(experts)) + " | chosen | gate value |",
+        "| --- | " + " | ".join("---" for _ in range(experts)) + " | --- | --- |",
+    ]
+    for b in sorted(sel.chosen):
+        cells = " | ".join(f"**{s:.3f}**" if e == sel.chosen[b] else f"{s:.3f}" for e, s in enumerate(sel.scores[b]))
+        lines.append(f"| {b} | {cells} | e{sel.chosen[b]} | {sel.scales[b]:.3f} |")
+    lines += ["", "Score s_e = sum_c q(c) p(e|c); the gate value is folded into the exported MLP.", ""]
+    lines += [f"- {k}: `{v}`" for k, v in extra.items()] + [""]
+    return "\n".join(lines)
+
+
+def _heatmap(task: str, sel: Selection, path: Path) -> None:
+    blocks = sorted(sel.chosen)
+    scores = np.stack([sel.scores[b] for b in blocks])  # (L, E)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * scores.shape[1], 1.0 + 0.5 * len(blocks)))
+    im = ax.imshow(scores, cmap="viridis", vmin=0, vmax=max(1e-6, scores.max()), aspect="auto")
+    for i, b in enumerate(blocks):
+        for e in range(scores.shape[1]):
+            ax.text(e, i, f"{scores[i, e]:.2f}", ha="center", va="center",
+                    color="white" if scores[i, e] < scores.max() * 0.6 else "black", fontsize=8,
+                    fontweight="bold" if e == sel.chosen[b] else "normal")
+    ax.set_xticks(range(scores.shape[1]), [f"e{e}" for e in range(scores.shape[1])])
+    ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks])
+    ax.set_title(f"expert scores for {task}")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, task: str, sel: Selection, extra: dict) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "selection.json", "markdown": out_dir / "selection.md",
+             "heatmap": out_dir / "expert_scores.png"}
+    paths["json"].write_text(json.dumps({"task": task, **sel.to_json(), **extra}, indent=1))
+    paths["markdown"].write_text(_markdown(task, sel, extra))
+    _heatmap(task, sel, paths["heatmap"])
+    return paths

@@ -1,0 +1,72 @@
+"""Frozen feature extractors for evaluation: a timm ViT checkpoint, or an encoder from one of our runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["Encoder", "load_encoder", "to_tensor", "extract_features"]
+
+
+@dataclass
+class Encoder:
+    name: str
+    img_size: int
+    tokens: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) normalised -> (N, 1+L, D) final-norm tokens
+    vit: VisionTransformer | None  # set when the encoder is a timm ViT (fine-tunable)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), normalised like pre-training."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
+    """`model`: a dense export (.pth with its .json), a timm model name (+ `checkpoint`), or a pre-training run."""
+    path = Path(model)
+    if path.suffix == ".pth" and path.is_file():
+        meta_file = path.with_suffix(".pth.json")
+        if not meta_file.is_file():
+            raise ValueError(f"{path} has no {meta_file.name}; pass a timm model name with --checkpoint {path}.")
+        kwargs = json.loads(meta_file.read_text())["vision_transformer"]
+        vit = VisionTransformer(**kwargs)
+        vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        return Encoder(path.stem, kwargs["img_size"], vit.forward_features, vit.eval())
+    if path.is_dir():
+        from moce_ds.customize.pretrained import load_pretrained
+
+        pre = load_pretrained(path)
+        if pre.cfg.moe.routing == "cluster":
+            raise ValueError(f"{path} is a MoCE run: customise it for the task first (launchers/customize.py) and "
+                             f"evaluate the dense export it writes.")
+        mae = pre.model
+        for _, moe in mae.moe_layers():  # evaluation routes every token: no capacity drop
+            moe.gate.drop_tokens = False
+        return Encoder(f"{path.name}:{pre.tag}", mae.spec.img_size, mae.forward_features, None)
+    if checkpoint is None:
+        raise ValueError(f"'{model}' is neither a .pth export nor a run folder; with a timm model name also pass "
+                         f"--checkpoint <weights file> (nothing is downloaded).")
+    vit = timm.create_model(str(model), checkpoint_path=str(checkpoint), num_classes=0)
+    return Encoder(str(model), vit.patch_embed.img_size[0], vit.forward_features, vit.eval())
+
+
+@torch.no_grad()
+def extract_features(encoder: Encoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Mean of the patch tokens after the final norm (MAE's global-pool feature): (N, D) float32."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        tokens = encoder.tokens(to_tensor(images[i: i + batch_size]))
+        out.append(tokens[:, 1:, :].mean(dim=1))
+    return torch.cat(out).numpy()
