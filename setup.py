@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["moce_ds", "moce_ds.*"]),
-    package_data={"moce_ds": ["config/experiments/*.yaml"]},
+    package_data={"moce_ds": ["config/experiments/*.yaml", "metrics/grafana_dashboard.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",

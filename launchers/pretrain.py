@@ -31,13 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from moce_ds.engine import pretrain
+    from moce_ds.engine.trainer import NonFiniteLossError
 
     try:
         result = pretrain(cfg, args.deepspeed_config, resume=args.resume)
     except ValueError as e:  # bad input: one clear line, nothing on disk touched
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.is_main:
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if result.is_main and result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; "
+              f"continue with --resume")
+    elif result.is_main:
         print(f"done: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
     return 0
 

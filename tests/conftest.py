@@ -36,3 +36,17 @@ def two_rank_run(tmp_path_factory, embedded_cache) -> tuple[Path, Path]:
     ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
     run_deepspeed(WORKER, [str(ds), *two_rank_overrides(run, embedded_cache, 40)])
     return run, ds
+
+
+@pytest.fixture(autouse=True)
+def _reset_moce_logger():
+    """setup_logging() (called in-process by launchers and the trainer) stops propagation; undo it per test
+    so caplog sees the `moce_ds` logger whatever ran before."""
+    import logging
+
+    yield
+    logger = logging.getLogger("moce_ds")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = True

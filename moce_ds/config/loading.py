@@ -170,6 +170,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.lpt_margin={c.lpt_margin} must be > 0.")
     if c.refresh_every and m.routing != "cluster":
         raise ConfigError("cluster.refresh_every > 0 needs moe.routing=cluster (only the cluster gate uses rounds).")
+    if not 1 <= cfg.metrics.port_base <= 65535:
+        raise ConfigError(f"metrics.port_base={cfg.metrics.port_base} must be a TCP port (1-65535); rank r uses "
+                          f"port_base + local rank.")
+    if not cfg.metrics.bind:
+        raise ConfigError("metrics.bind is empty; use 127.0.0.1 (loopback) or 0.0.0.0 (all interfaces).")
     if not cfg.output_dir:
         raise ConfigError("output_dir is empty; set output_dir=runs/<name>.")
 

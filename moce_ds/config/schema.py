@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "ClusterConfig", "Config", "ROUTINGS",
-           "INIT_TABLES", "REFRESH_FEATURES"]
+__all__ = ["ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "ClusterConfig", "MetricsConfig", "Config",
+           "ROUTINGS", "INIT_TABLES", "REFRESH_FEATURES"]
 
 ROUTINGS = ("dense", "token", "cluster")
 INIT_TABLES = ("random", "centroids", "lpt")
@@ -63,7 +63,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every_epochs: int = 1
+    save_every_steps: int = 0  # also checkpoint every this many steps inside an epoch (0: epoch ends only)
     keep_checkpoints: int = 2
+    max_nonfinite_in_row: int = 5  # non-finite losses are skipped; this many in a row stop the run
+    peer_timeout_s: float = 120.0  # a rank silent this long counts as dead: every rank exits (0: off)
 
 
 @dataclass
@@ -82,6 +85,16 @@ class ClusterConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Live metrics and the end-of-run report (metrics.jsonl and the logs are always written)."""
+
+    enabled: bool = True  # a Prometheus /metrics endpoint on every rank
+    port_base: int = 9500  # rank r listens on port_base + local rank (clear of the common exporters' 9100-9400)
+    bind: str = "127.0.0.1"  # loopback: scrape through the node; 0.0.0.0 to let a remote Prometheus in
+    report: bool = True  # rank 0 writes <output_dir>/report/report.md when pre-training ends
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/moce"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -89,3 +102,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -50,7 +50,7 @@ def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None
         call = f'timm.create_model("{spec.timm_name}", checkpoint_path="{path}")'
     else:
         args = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(spec, n_cls).items())
-        call = f'm = VisionTransformer({args}); m.load_state_dict(torch.load("{path}"))'
+        call = f'm = VisionTransformer({args}); m.load_state_dict(torch.load("{path}", weights_only=True))'
     extra = {"checkpoint": str(pre.ckpt_dir / pre.tag), "cluster_round": str(pre.round.path),
              "dense_checkpoint": str(path), "load_in_timm": call, "num_images": int(len(feats))}
     report = write_report(out_dir, data.name, sel, extra)

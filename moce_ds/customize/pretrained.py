@@ -15,6 +15,7 @@ import torch
 
 from moce_ds.config import Config, load_config
 from moce_ds.data.sidecar import ClusterRound, latest_round, load_round
+from moce_ds.engine.checkpoint import latest_tag
 from moce_ds.model import MaskedAutoencoderViT, build_model
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
@@ -37,11 +38,10 @@ def resolve_checkpoint(path: Path, tag: str | None = None) -> tuple[Path, Path, 
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     run_dir = ckpts.parent
     if tag is None:
-        latest = ckpts / "latest"
-        if not latest.is_file():
-            raise ValueError(f"{path} holds no checkpoint ('latest' is missing): pass a run folder written by "
+        tag = latest_tag(ckpts)  # the newest complete, intact checkpoint
+        if tag is None:
+            raise ValueError(f"{path} holds no complete checkpoint: pass a run folder written by "
                              f"launchers/pretrain.py or a checkpoint tag folder.")
-        tag = latest.read_text().strip()
     if not (ckpts / tag / "mp_rank_00_model_states.pt").is_file():
         raise ValueError(f"checkpoint {ckpts / tag} is incomplete (no mp_rank_00_model_states.pt).")
     return run_dir, ckpts, tag

@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import random
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -387,6 +388,13 @@ def _pipeline(shards: IterableDataset, source: ShardSource, cluster_ids_path: Pa
     )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT: a scheduler signals every process of the job, and the trainer
+    (which finishes its step and checkpoints first) shuts the workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_train_loader(
     urls: str | Path | Sequence[str | Path] | ShardSource,
     cluster_ids_path: Path | None,
@@ -434,7 +442,7 @@ def make_train_loader(
         shards = wds.ResampledShards(source.urls, worker_seed=_WorkerSeed(seed, epoch, rank), deterministic=True)
         dataset = _pipeline(shards, source, partial=False, **common)
         loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                               persistent_workers=False, pin_memory=pin_memory)
+                               persistent_workers=False, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
         # why on the loader and not the dataset: on the dataset the count would apply per worker
         return EpochLoader(loader.with_epoch(steps_per_epoch), steps_per_epoch, batch_size, lookahead=False, rank=rank)
 
@@ -459,7 +467,7 @@ def make_train_loader(
     dataset = _pipeline(_EpochShards(mine), source, partial=True, **common)
     # why no with_epoch here: on a finite loader it re-iterates the DataLoader, i.e. reads shards twice
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=False, pin_memory=pin_memory)
+                           persistent_workers=False, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals)
     # top-up, only used if bad samples leave this rank short: resampled over this rank's own shards, in process
     topup_shards = wds.ResampledShards(mine, worker_seed=_WorkerSeed(seed, epoch, rank, purpose=3), deterministic=True)
     topup = _pipeline(topup_shards, source, partial=False, **common)

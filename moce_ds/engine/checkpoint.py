@@ -1,24 +1,29 @@
-"""Checkpoints through DeepSpeed's engine (expert files included), plus a small signature we check first.
+"""Checkpoints through DeepSpeed's engine (expert files included), made atomic by a completion record.
 
-`moce_meta.json` in each tag folder carries the model's shape and the training position; it is read
-before DeepSpeed touches anything, so resuming with a different model fails with a clear message.
+DeepSpeed writes a tag folder from every rank. Only after every rank has finished (a barrier) does rank 0
+write `moce_meta.json` into it, listing every file with its size, and then point our `latest` at it. A tag
+without that record, or whose files no longer match it (a crash mid-save, a truncated file), is never
+loaded: resume falls back to the newest complete one. The record also carries the model's shape and the
+training position, read before DeepSpeed touches anything, so an incompatible resume fails with a clear message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from moce_ds.config.schema import Config
 
-__all__ = ["model_signature", "checkpoint_dir", "latest_tag", "read_meta", "check_resume_compatible",
-           "save_checkpoint", "prune_checkpoints"]
+__all__ = ["model_signature", "checkpoint_dir", "latest_tag", "complete_tags", "verify_tag", "read_meta",
+           "check_resume_compatible", "save_checkpoint", "prune_checkpoints"]
 
 log = logging.getLogger("moce_ds")
 META = "moce_meta.json"
+LATEST = "latest"
 
 
 def model_signature(cfg: Config) -> dict[str, Any]:
@@ -37,17 +42,50 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """DeepSpeed's `latest` file names the newest complete tag; None when there is none."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag / META).is_file() else None
-
-
 def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / META).read_text())
+
+
+def verify_tag(ckpt_dir: Path, tag: str) -> str | None:
+    """None when the tag is complete and intact; otherwise why not."""
+    folder = ckpt_dir / tag
+    if not (folder / META).is_file():
+        return "no completion record (the save never finished)"
+    try:
+        files = read_meta(ckpt_dir, tag)["files"]
+    except (json.JSONDecodeError, KeyError):
+        return f"unreadable {META}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a completion record, oldest first (by step)."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / META).is_file()]
+    steps = {}
+    for t in tags:
+        try:
+            steps[t] = read_meta(ckpt_dir, t)["position"]["step"]
+        except (json.JSONDecodeError, KeyError):
+            steps[t] = -1
+    return sorted(tags, key=lambda t: steps[t])
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest intact checkpoint; a broken newer one is skipped with a warning (never loaded)."""
+    for tag in reversed(complete_tags(ckpt_dir)):
+        problem = verify_tag(ckpt_dir, tag)
+        if problem is None:
+            return tag
+        log.warning("checkpoint %s is refused: %s; falling back to an older one", ckpt_dir / tag, problem)
+    return None
 
 
 def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str) -> None:
@@ -60,25 +98,37 @@ def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str) -> None
         )
 
 
-def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_main: bool) -> Path:
-    """Every rank calls this (DeepSpeed writes expert and ZeRO shards per rank)."""
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_main: bool, barrier) -> Path:
+    """Every rank calls this. Returns the tag folder once the checkpoint is complete on every rank."""
     ckpt_dir = checkpoint_dir(cfg)
+    folder = ckpt_dir / tag
+    if is_main and (folder / META).exists():
+        (folder / META).unlink()  # re-saving a tag: it is incomplete until this save finishes
+    barrier()
     meta = {"signature": model_signature(cfg), "position": position, "tag": tag}
-    # The meta file is written before DeepSpeed's save updates `latest`, so a tag named by `latest` has it.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"moce": meta}, save_latest=False)
+    barrier()  # every rank's files are on disk
     if is_main:
-        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_dir / tag / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(ckpt_dir / tag / META)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"moce": meta})
-    return ckpt_dir / tag
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
+        _atomic_write(folder / META, json.dumps(meta, indent=1))
+        _atomic_write(ckpt_dir / LATEST, tag)  # informational; resume trusts the completion records
+    barrier()
+    return folder
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` tags (by step); never the one `latest` names. Rank 0 only."""
-    current = latest_tag(ckpt_dir)
-    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / META).is_file()]
-    tags.sort(key=lambda p: read_meta(ckpt_dir, p.name)["position"]["step"])
-    for p in tags[: max(0, len(tags) - keep)]:
-        if p.name != current:
+    """Delete all but the newest `keep` complete tags, and leftovers of unfinished saves. Rank 0 only."""
+    tags = complete_tags(ckpt_dir)
+    keep_set = set(tags[-keep:]) if keep > 0 else set(tags)
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p.name not in keep_set:
             shutil.rmtree(p, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
 
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
 
@@ -66,7 +68,9 @@ def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
 def extract_features(encoder: Encoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Mean of the patch tokens after the final norm (MAE's global-pool feature): (N, D) float32."""
     out = []
-    for i in range(0, len(images), batch_size):
+    bar = tqdm(range(0, len(images), batch_size), desc=f"features {encoder.name}", unit="batch", leave=False,
+               disable=not sys.stderr.isatty())  # quiet in logs and CI
+    for i in bar:
         tokens = encoder.tokens(to_tensor(images[i: i + batch_size]))
         out.append(tokens[:, 1:, :].mean(dim=1))
     return torch.cat(out).numpy()

@@ -1,10 +1,9 @@
-import importlib
-
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
+from moce_ds.clustering.comm import LocalComm
 from moce_ds.clustering.kmeans import assign, kmeans
 
 
@@ -43,34 +42,48 @@ def test_deterministic(blobs):
     assert not np.array_equal(a.centroids, c.centroids)
 
 
-def test_empty_cluster_reseeded(monkeypatch):
-    # two tight groups far apart; k-means++ is forced to put 3 centres on group A, so one of them ends up empty
+def test_empty_cluster_reseeded():
+    # two tight groups far apart; the start puts 2 centres on group A, one of them tied -> empty after iteration 0
     rng = np.random.default_rng(0)
     a = rng.normal(0, 0.01, (50, 2))
     b = rng.normal(0, 0.01, (50, 2)) + 100.0
     x = np.concatenate([a, b]).astype(np.float32)
-    km = importlib.import_module("moce_ds.clustering.kmeans")
-
-    def bad_init(x, k, rng):
-        return np.array([[0, 0], [0, 0], [50, 50]], np.float32)  # centre 1 ties with centre 0 -> empty
-
-    monkeypatch.setattr(km, "kmeans_plus_plus", bad_init)
-    r = km.kmeans(x, 3, iters=10)
+    init = np.array([[0, 0], [0, 0], [50, 50]], np.float32)  # centre 1 ties with centre 0 -> empty
+    r = kmeans(x, 3, iters=10, init=init)
+    assert r.reseeded >= 1
     assert (r.sizes > 0).all(), r.sizes
     # the re-seeded centre took a far point, so both groups are split off cleanly
     assert len(set(r.assignments[:50])) + len(set(r.assignments[50:])) == 3
 
 
-def test_reduce_hook_called(blobs):
+def test_communicator_called_once_per_iteration(blobs):
     calls = []
 
-    def reduce(v):
-        calls.append(v.shape)
-        return v
+    class Spy(LocalComm):
+        def allreduce_sum(self, a):
+            calls.append(a.shape)
+            return super().allreduce_sum(a)
 
-    r = kmeans(blobs, 5, iters=5, reduce=reduce, tol=0)
-    assert len(calls) == len(r.objective) + 1  # one per iteration + final sizes
-    assert calls[0] == (5 * 16 + 5 + 2,)
+    r = kmeans(blobs, 5, iters=5, comm=Spy(), tol=0)
+    # row count + sample sizes for the init, one per iteration, final sizes
+    assert len(calls) == 2 + len(r.objective) + 1
+    assert calls[2] == (5 * 16 + 5 + 2,)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_backends_agree(blobs, spherical):
+    x = blobs / np.linalg.norm(blobs, axis=1, keepdims=True) if spherical else blobs  # spherical: unit rows
+    c = x[::200][:10]
+    a_t, sq_t = assign(x, c, spherical=spherical, backend="torch")
+    a_f, sq_f = assign(x, c, spherical=spherical, backend="faiss")
+    assert (a_t == a_f).mean() > 0.999
+    assert np.allclose(sq_t, sq_f, rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_backend_runs(blobs):
+    r = kmeans(blobs, 12, iters=10, backend="faiss_ivf")
+    exact = kmeans(blobs, 12, iters=10, backend="torch")
+    assert r.objective[-1] <= exact.objective[-1] * 1.05
 
 
 def test_spherical(blobs):

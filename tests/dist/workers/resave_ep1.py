@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from moce_ds.config import load_config, save_config  # noqa: E402
 from moce_ds.engine.checkpoint import latest_tag, save_checkpoint  # noqa: E402
-from moce_ds.engine.distributed import init_distributed  # noqa: E402
+from moce_ds.engine.distributed import barrier, init_distributed  # noqa: E402
 from moce_ds.engine.ds_config import load_ds_config  # noqa: E402
 from moce_ds.engine.schedule import build_optimizer  # noqa: E402
 from moce_ds.model import build_model  # noqa: E402
@@ -23,4 +23,4 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched
 tag = latest_tag(src / "checkpoints")
 engine.load_checkpoint(str(src / "checkpoints"), tag=tag, load_module_only=True)
 save_config(cfg, dst / "config.yaml")
-save_checkpoint(engine, cfg, tag, {"step": 0, "epoch": 0, "micro_in_epoch": 0}, info.is_main)
+save_checkpoint(engine, cfg, tag, {"step": 0, "epoch": 0, "micro_in_epoch": 0}, info.is_main, barrier)

@@ -1,0 +1,162 @@
+"""The clustering job: shards -> features (per rank, cached) -> data-parallel k-means -> a new round.
+
+``launchers/cluster.py`` calls :func:`run_clustering` once per rank (``mpirun -n R`` or a single process); the
+in-training refresh (:mod:`moce_ds.clustering.refresh`) shares :func:`write_matched_round` with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moce_ds.clustering.comm import Communicator, LocalComm
+from moce_ds.clustering.features import featurize_shards, make_extractor
+from moce_ds.clustering.kmeans import KMeansResult, kmeans
+from moce_ds.clustering.matching import apply_matching, match_by_centroids, match_by_overlap
+from moce_ds.data.sidecar import ClusterRound, latest_round, load_round, write_round
+from moce_ds.data.sources import resolve_shards
+from moce_ds.metrics.prometheus import write_clustering_textfile
+
+__all__ = ["gather_ids", "run_clustering", "write_matched_round", "PROM_TEXTFILE"]
+
+PROM_TEXTFILE = "moce_cluster.prom"  # <clusters root>/moce_cluster.prom: the newest round's result for Prometheus
+
+logger = logging.getLogger("moce_ds")
+
+
+def _resolve_data(data: str, cache_dir: Path | None, comm: Communicator) -> tuple[list[str], list[int] | None, Path]:
+    """'embedded' or a shard folder / manifest -> (shard urls, per-shard counts, clusters root)."""
+    if data == "embedded":
+        from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir
+
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        if comm.rank == 0:  # one rank builds, the others load what it wrote
+            build_embedded_dataset(cache)
+        comm.barrier()
+        ds = build_embedded_dataset(cache)
+        src = resolve_shards(ds.root / "shards")
+        return src.urls, src.counts, ds.root / "clusters"
+    src = resolve_shards(data)
+    if src.root is None:
+        raise ValueError(f"--data {data!r} must be a shard folder or its manifest.json (the round is written "
+                         f"to <folder>/clusters), or 'embedded'")
+    return src.urls, src.counts, src.root / "clusters"
+
+
+def gather_ids(index: np.ndarray, assignments: np.ndarray, comm: Communicator,
+               num_images: int | None = None) -> np.ndarray | None:
+    """Every rank's (global index, cluster) pairs -> int32 table [num_images] on rank 0 (-1 = no id); None elsewhere."""
+    parts = comm.gather((np.asarray(index, np.int64), np.asarray(assignments, np.int64)))
+    if comm.rank != 0:
+        return None
+    idx = np.concatenate([p[0] for p in parts])
+    cl = np.concatenate([p[1] for p in parts])
+    size = max(int(idx.max()) + 1 if idx.size else 0, num_images or 0)
+    ids = np.full(size, -1, np.int32)
+    ids[idx] = cl
+    return ids
+
+
+def write_matched_round(root: Path, ids: np.ndarray, res: KMeansResult, source: str, space: str,
+                        extra: dict, match: bool = True) -> ClusterRound:
+    """Match the new clusters to the previous round's ids (when k agrees), then write the round atomically."""
+    k = res.centroids.shape[0]
+    centroids = res.centroids
+    prev = latest_round(root)
+    info: dict = {"matched_to": None, "match_method": None}
+    if match and prev is not None and prev.k == k:
+        prev_c = prev.centroids()
+        if prev.manifest.get("feature_space", prev.manifest.get("feature_source")) == space and \
+                prev_c.shape == centroids.shape:
+            perm, method = match_by_centroids(centroids, prev_c), "centroids"
+        else:  # another feature space: centroid distances mean nothing, shared images do
+            perm, method = match_by_overlap(ids, prev.ids(mmap=False), k), "overlap"
+        centroids, ids = apply_matching(perm, centroids, ids)
+        prev_ids = prev.ids(mmap=False)
+        m = min(ids.shape[0], prev_ids.shape[0])
+        both = (ids[:m] >= 0) & (prev_ids[:m] >= 0)
+        kept = float((ids[:m][both] == prev_ids[:m][both]).mean()) if both.any() else 0.0
+        info = {"matched_to": prev.round, "match_method": method, "ids_kept_fraction": round(kept, 4)}
+        logger.info("matched %d new clusters to round %d by %s: %.1f%% of images keep their id", k, prev.round,
+                    method, 100 * kept)
+    meta = dict(extra, feature_space=space, objective=res.objective, iterations=len(res.objective),
+                reseeded=res.reseeded, backend=res.backend, **info)
+    return write_round(root, ids, centroids, feature_source=source, extra=meta)
+
+
+def run_clustering(
+    data: str,
+    k: int,
+    features: str = "pixel",
+    weights: str | None = None,
+    iters: int = 25,
+    seed: int = 0,
+    spherical: bool = True,
+    tol: float = 1e-4,
+    init_sample: int = 100_000,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    feature_cache: Path | None = None,
+    image_size: int = 32,
+    batch_size: int = 256,
+    backend: str = "auto",
+    match: bool = True,
+    comm: Communicator | None = None,
+    progress: bool = True,
+) -> ClusterRound:
+    """Cluster a shard folder (or ``'embedded'``) into ``k`` clusters and write the next round; returns it on
+    every rank. Each rank featurises every world_size-th shard; features are cached under ``feature_cache``
+    (default ``<clusters root>/features/<source>``) so a rerun resumes."""
+    comm = comm if comm is not None else LocalComm()
+    t0 = time.perf_counter()
+    urls, counts, root = _resolve_data(data, cache_dir, comm)
+    root = Path(out) if out is not None else root
+    extractor = make_extractor(features, weights, image_size)
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor.source)[-100:]
+    cache = Path(feature_cache) if feature_cache is not None else root / "features" / slug
+    x, index, skipped = featurize_shards(urls, extractor, cache, comm, counts, batch_size, progress)
+    t_feat = time.perf_counter() - t0
+    d = _common_dim(x, comm)
+    if not x.size:
+        x = np.zeros((0, d), np.float32)
+    res = kmeans(x, k, iters=iters, seed=seed, spherical=spherical, tol=tol, comm=comm, init_sample=init_sample,
+                 backend=backend, progress=progress)
+    ids = gather_ids(index, res.assignments, comm, sum(counts) if counts else None)
+    sk = comm.gather(skipped)
+    path = None
+    if comm.rank == 0:
+        total_skipped: dict[str, int] = {}
+        for part in sk:
+            for r, c in part.items():
+                total_skipped[r] = total_skipped.get(r, 0) + c
+        extra = {"seed": seed, "spherical": spherical, "tol": tol, "ranks": comm.world_size, "comm": comm.name,
+                 "data": str(data), "skipped": total_skipped, "feature_seconds": round(t_feat, 3),
+                 "seconds": round(time.perf_counter() - t0, 3)}
+        rnd = write_matched_round(root, ids, res, extractor.source, extractor.space, extra, match=match)
+        path = str(rnd.path)
+        # A batch job's HTTP endpoint would die with it: leave the result as a Prometheus textfile beside the
+        # rounds (point node_exporter's --collector.textfile.directory at it, or copy it there).
+        write_clustering_textfile(root / PROM_TEXTFILE, rnd.round, k, float(res.objective[-1]),
+                                  list(rnd.manifest.get("cluster_sizes", [])), len(res.objective),
+                                  time.perf_counter() - t0, int((ids >= 0).sum()))
+        logger.info("round %d: k=%d over %d images, objective %.5g after %d iterations (%.1f s)", rnd.round, k,
+                    int((ids >= 0).sum()), res.objective[-1], len(res.objective), time.perf_counter() - t0)
+    path = comm.broadcast(path)
+    comm.barrier()
+    return load_round(Path(path).parent, int(Path(path).name.split("_")[-1]))
+
+
+def _common_dim(x: np.ndarray, comm: Communicator) -> int:
+    """Feature width agreed by all ranks (a rank with no shards has none of its own)."""
+    dims = comm.gather(int(x.shape[1]) if x.size else 0)
+    d: int | str = 0
+    if comm.rank == 0:
+        widths = {w for w in dims if w}
+        d = widths.pop() if len(widths) == 1 else f"no features, or ranks disagree on their width: {dims}"
+    d = comm.broadcast(d)  # an error reaches every rank, so none waits forever
+    if isinstance(d, str):
+        raise ValueError(d)
+    return int(d)
