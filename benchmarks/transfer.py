@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moce_ds.customize import customize  # noqa: E402
-from moce_ds.customize.task_data import _png, load_task_data  # noqa: E402
-from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks  # noqa: E402
+from moce_ds.customize.task_data import load_task_data  # noqa: E402
+from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, png_bytes  # noqa: E402
 from moce_ds.data.keys import make_key  # noqa: E402
 from moce_ds.data.shard_writer import write_shards  # noqa: E402
 from moce_ds.evaluation import extract_features, linear_probe, load_encoder  # noqa: E402
@@ -71,7 +71,7 @@ def domain_shards(ds, domains: tuple[str, ...], out: Path) -> Path:
     images, index, domain_id = ds.train_images()
     names = ds.domains
     keep = np.isin(domain_id, [names.index(d) for d in domains])
-    samples = ((make_key(int(i), names[int(d)]), _png(img), int(d))
+    samples = ((make_key(int(i), names[int(d)]), png_bytes(img), int(d))
                for img, i, d in zip(images[keep], index[keep], domain_id[keep]))
     write_shards(samples, out, max_per_shard=500)
     return out

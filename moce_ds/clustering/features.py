@@ -32,7 +32,7 @@ from tqdm import tqdm
 from moce_ds.clustering.comm import Communicator, LocalComm
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.keys import key_index
-from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from moce_ds.data.shard_writer import atomic_write_json
 from moce_ds.data.sources import SKIP_MARKER, read_tar_samples
 
@@ -54,14 +54,6 @@ class FeatureExtractor:
 
     def __call__(self, images: np.ndarray, index: np.ndarray) -> np.ndarray:
         return self.fn(images, index)  # type: ignore[operator]
-
-
-def _to_tensor(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> normalised [B, 3, S, S]."""
-    t = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    t = (t - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return t.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -89,7 +81,7 @@ def _checkpoint_extractor(path: str) -> FeatureExtractor:
             inside = index < ids.shape[0]
             c = np.where(inside, ids[np.minimum(index, ids.shape[0] - 1)], -1)
             cluster = torch.from_numpy(np.maximum(c, 0).astype(np.int64))  # no id yet: route like cluster 0
-        x = _to_tensor(images, IMAGENET_MEAN, IMAGENET_STD, torch.float32, torch.device("cpu"))
+        x = to_tensor(images)
         return encoder_features(model, x, cluster).numpy()
 
     spec = model.spec
@@ -118,7 +110,7 @@ def _timm_extractor(name: str, weights: str | None) -> FeatureExtractor:
 
     @torch.no_grad()
     def fn(images: np.ndarray, index: np.ndarray) -> np.ndarray:
-        tokens = model.forward_features(_to_tensor(images, mean, std, torch.float32, torch.device("cpu")))
+        tokens = model.forward_features(to_tensor(images, mean, std))
         feats = tokens[:, prefix:, :].mean(1) if tokens.ndim == 3 else tokens.flatten(1)  # CNNs: [B, C] pooled
         return torch.nn.functional.normalize(feats.float(), dim=1).numpy()
 

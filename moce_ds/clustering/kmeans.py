@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from moce_ds.clustering.comm import Communicator, LocalComm
 
-__all__ = ["BACKENDS", "IVF_MIN_K", "KMeansResult", "assign", "kmeans", "kmeans_plus_plus", "pick_backend"]
+__all__ = ["BACKENDS", "IVF_MIN_K", "KMeansResult", "assign", "kmeans", "kmeans_plus_plus", "pick_backend",
+           "unit_rows"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -54,7 +55,8 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32): the spherical k-means space."""
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
@@ -227,7 +229,7 @@ def kmeans(
     if not 1 <= k <= n_total:
         raise ValueError(f"kmeans needs 1 <= k <= N, got k={k} for N={n_total}")
     if spherical:
-        x = _normalise(x)
+        x = unit_rows(x)
     backend = pick_backend(k, backend)
     if init is not None:
         centroids = _as_f32(init)
@@ -236,7 +238,7 @@ def kmeans(
     else:
         centroids = _init_centroids(x, k, seed, init_sample, comm)
     if spherical:
-        centroids = _normalise(centroids)
+        centroids = unit_rows(centroids)
     objective: list[float] = []
     reseeded = 0
     assignments, sq = _search(x, centroids, spherical, backend)
@@ -266,7 +268,7 @@ def kmeans(
             reseeded += int(empty.size)
             logger.debug("kmeans iter %d: re-seeded %d empty clusters", it, empty.size)
         if spherical:
-            new = _normalise(new)
+            new = unit_rows(new)
         centroids = new
         assignments, sq = _search(x, centroids, spherical, backend)
     bar.close()

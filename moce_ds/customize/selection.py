@@ -11,14 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moce_ds.clustering.kmeans import assign
+from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.model import MaskedAutoencoderViT
 
 __all__ = ["Selection", "cluster_histogram", "gate_probabilities", "select_experts"]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cluster_histogram(features: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
@@ -27,7 +23,7 @@ def cluster_histogram(features: np.ndarray, centroids: np.ndarray, spherical: bo
         raise ValueError(f"task features have width {features.shape[1]} but the centroids {centroids.shape[1]}: "
                          f"featurise the task with the clustering round's feature source.")
     if spherical:
-        features, centroids = _unit(features), _unit(centroids)
+        features, centroids = unit_rows(features), unit_rows(centroids)
     nearest, _ = assign(features, centroids)
     return np.bincount(nearest, minlength=centroids.shape[0]).astype(np.float64) / len(nearest)
 

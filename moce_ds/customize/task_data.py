@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task
+from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task, png_bytes
 
 __all__ = ["TaskData", "load_task_data"]
 
@@ -115,7 +115,7 @@ def load_task_data(task: str, image_size: int, cache_dir: Path | None = None) ->
         ds = build_embedded_dataset(cache_dir or default_cache_dir())
         tx, ty, vx, vy = load_task(ds, task)
         if tx.shape[1] != image_size:
-            resize = lambda a: np.stack([_load_image(_png(i), image_size) for i in a])  # noqa: E731
+            resize = lambda a: np.stack([_load_image(png_bytes(i), image_size) for i in a])  # noqa: E731
             tx, vx = resize(tx), resize(vx)
         classes = [str(c) for c in range(tasks[task].num_classes)]
         return TaskData(task, tx, ty, vx, vy, classes)
@@ -124,8 +124,3 @@ def load_task_data(task: str, image_size: int, cache_dir: Path | None = None) ->
         raise ValueError(f"task '{task}' is neither an embedded task ({', '.join(tasks)}) nor a folder.")
     return _shards(root, image_size) if any(root.glob("*.tar")) else _image_folder(root, image_size)
 
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()

@@ -50,6 +50,7 @@ __all__ = [
     "default_cache_dir",
     "embedded_tasks",
     "load_task",
+    "png_bytes",
 ]
 
 logger = logging.getLogger("moce_ds")
@@ -211,7 +212,8 @@ def _render_domain(domain: str, rng: np.random.Generator) -> tuple[np.ndarray, n
     return _crop_domain(domain, rng)
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
@@ -339,7 +341,7 @@ def _build_into(out: Path, seed: int, t0: float) -> None:
 
     def samples() -> Iterator[tuple[str, bytes, int | None]]:
         for i in tqdm(range(n), desc="embedded: shards", disable=quiet):
-            yield make_key(i, DOMAINS[dom[i]]), _png_bytes(x[i]), int(dom[i])
+            yield make_key(i, DOMAINS[dom[i]]), png_bytes(x[i]), int(dom[i])
 
     shard_manifest = write_shards(samples(), out / "shards", prefix="shard", max_per_shard=-(-n // _NUM_SHARDS))
     np.savez(out / "train_images.npz", images=x, index=index, domain_id=dom, label=lab)

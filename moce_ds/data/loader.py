@@ -48,6 +48,7 @@ __all__ = [
     "epoch_batches",
     "make_train_loader",
     "rank_shards",
+    "to_tensor",
     "worker_seed",
 ]
 
@@ -60,6 +61,13 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # truncated_tar: samples lost to a shard that breaks off (cut file, failed pipe, fewer samples than the manifest)
 SKIP_REASONS: tuple[str, ...] = ("decode_error", "no_image", "missing_cluster", "bad_key", "truncated_tar")
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+def to_tensor(images: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN,
+              std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), normalised like pre-training (or with a model's own mean/std)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def _zero_counts() -> dict[str, int]:

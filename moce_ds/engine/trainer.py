@@ -283,8 +283,8 @@ def _steps(cfg, info: DistInfo, engine, model, data: TrainingData, metrics, load
                 engine.backward(out.loss)
                 engine.step()
                 load_meter.update()
-                interval_loss += torch.tensor([out.loss.item(), out.recon_loss.item(), out.aux_loss.item()],
-                                              dtype=torch.float64)
+                # one device-to-host copy for the three losses
+                interval_loss += torch.stack([out.loss, out.recon_loss, out.aux_loss]).detach().double().cpu()
                 interval_micro += 1
                 step_images += images.shape[0]
             if votes[1] > 0 and micro_in_epoch % accum == 0:

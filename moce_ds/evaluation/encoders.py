@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
-from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from moce_ds.data.loader import to_tensor
 
 __all__ = ["Encoder", "load_encoder", "to_tensor", "extract_features"]
 
@@ -25,14 +25,6 @@ class Encoder:
     img_size: int
     tokens: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) normalised -> (N, 1+L, D) final-norm tokens
     vit: VisionTransformer | None  # set when the encoder is a timm ViT (fine-tunable)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), normalised like pre-training."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:

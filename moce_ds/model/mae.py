@@ -164,7 +164,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError("moe.routing=cluster needs a cluster id per image; the batch has none.")
         if cluster.shape != (batch,):
             raise ValueError(f"cluster ids must have shape ({batch},), got {tuple(cluster.shape)}.")
-        lo, hi = int(cluster.min()), int(cluster.max())
+        lo, hi = torch.stack(torch.aminmax(cluster)).tolist()  # one host sync per forward, not two
         if lo < 0 or hi >= self.moe_cfg.num_clusters:
             raise ValueError(
                 f"cluster id {hi if hi >= self.moe_cfg.num_clusters else lo} is outside the gate's table of "

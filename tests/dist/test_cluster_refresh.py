@@ -20,14 +20,14 @@ pytestmark = pytest.mark.timeout(900)
 def small_shards(tmp_path_factory, embedded_cache):
     """256 embedded images in 4 shards (8 steps per epoch at 2 x 16) with a pixel-feature round 0 (k=16)."""
     from moce_ds.clustering.job import run_clustering
-    from moce_ds.data.embedded import _png_bytes, build_embedded_dataset
+    from moce_ds.data.embedded import png_bytes, build_embedded_dataset
     from moce_ds.data.keys import make_key
     from moce_ds.data.shard_writer import write_shards
 
     images, _, _ = build_embedded_dataset(embedded_cache).train_images()
     pick = np.linspace(0, len(images) - 1, 256).astype(int)  # every domain
     root = tmp_path_factory.mktemp("refresh") / "shards"
-    write_shards(((make_key(i, "img"), _png_bytes(images[j]), None) for i, j in enumerate(pick)), root,
+    write_shards(((make_key(i, "img"), png_bytes(images[j]), None) for i, j in enumerate(pick)), root,
                  max_per_shard=64)
     run_clustering(str(root), 16, iters=10, progress=False)
     return root

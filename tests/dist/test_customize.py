@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moce_ds.clustering.kmeans import assign
+from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import pixel_features
 from moce_ds.customize import customize, load_pretrained
 from moce_ds.data.embedded import build_embedded_dataset
@@ -20,10 +20,6 @@ from tests.dist.launch import ROOT, run_deepspeed
 pytestmark = pytest.mark.timeout(900)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _one_cluster_task(run: Path, cache: Path, out: Path) -> tuple[int, np.ndarray]:
     """An ImageFolder of training images whose nearest centroid is the round's biggest cluster."""
     pre = load_pretrained(run)
@@ -31,7 +27,7 @@ def _one_cluster_task(run: Path, cache: Path, out: Path) -> tuple[int, np.ndarra
     ids = np.asarray(pre.round.ids())[index]
     cluster = int(np.bincount(ids[ids >= 0]).argmax())
     candidates = images[ids == cluster][:200]
-    nearest, _ = assign(_unit(pixel_features(candidates)), _unit(pre.round.centroids()))
+    nearest, _ = assign(unit_rows(pixel_features(candidates)), unit_rows(pre.round.centroids()))
     chosen = candidates[nearest == cluster][:48]
     assert len(chosen) >= 16
     for i, img in enumerate(chosen):
@@ -68,7 +64,7 @@ def test_one_domain_task_picks_the_expert_the_gate_gives_its_clusters(two_rank_r
     pre = load_pretrained(run)
     ds = build_embedded_dataset(embedded_cache)
     x, _ = ds.heldout("digits")
-    nearest, _ = assign(_unit(pixel_features(x)), _unit(pre.round.centroids()))
+    nearest, _ = assign(unit_rows(pixel_features(x)), unit_rows(pre.round.centroids()))
     digit_clusters = np.unique(nearest)
     with torch.no_grad():
         for block, moe in pre.model.moe_layers():

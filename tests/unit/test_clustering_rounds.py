@@ -94,12 +94,12 @@ def test_config_cluster_keys_validated():
 
 
 def _small_shards(root, n=96, per_shard=24):
-    from moce_ds.data.embedded import _png_bytes
+    from moce_ds.data.embedded import png_bytes
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     imgs[: n // 2, :, :, 0] = 255  # two obvious groups: red-saturated and not
-    write_shards(((make_key(i, "img"), _png_bytes(imgs[i]), None) for i in range(n)), root, max_per_shard=per_shard)
+    write_shards(((make_key(i, "img"), png_bytes(imgs[i]), None) for i in range(n)), root, max_per_shard=per_shard)
     return root
 
 
