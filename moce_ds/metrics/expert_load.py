@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from moce_ds.moe.balance import layer_load
 from moce_ds.moe.layer import MoEMlp
 
 __all__ = ["ExpertLoadMeter"]
@@ -22,28 +21,29 @@ class ExpertLoadMeter:
         self.sums = {i: {k: torch.zeros(self.num_experts, dtype=torch.float64) for k in _KEYS} for i, _ in self.layers}
 
     def update(self) -> None:
-        """Read each MoE layer's routes from its last forward."""
+        """Add each MoE layer's load from its last forward; sums stay on the routes' device until `reduce`."""
         for i, moe in self.layers:
-            gate = moe.gate
-            if gate.last_indices is None:
+            stats = moe.last_load
+            if stats is None:
                 continue
-            images, seq = moe.last_tokens
-            stats = layer_load(gate.last_indices, moe.exp_counts, images, seq, self.num_experts)
             for k in _KEYS:
-                self.sums[i][k] += stats[k]
+                self.sums[i][k] = self.sums[i][k].to(stats[k].device) + stats[k]
 
-    def reduce(self, all_reduce) -> dict[str, dict[str, list[float]]]:
-        """One all-reduce for all layers; returns {layer: {stat: [per expert]}} and resets."""
+    def reduce(self, all_reduce) -> dict[str, dict]:
+        """One all-reduce for all layers; returns {layer: {stat: [per expert], "dropped_share": float}} and resets."""
         if not self.layers:
             return {}
-        flat = torch.stack([self.sums[i][k] for i, _ in self.layers for k in _KEYS])  # (L*3, E)
+        flat = torch.stack([self.sums[i][k].cpu() for i, _ in self.layers for k in _KEYS])  # (L*3, E)
         flat = all_reduce(flat)
-        out: dict[str, dict[str, list[float]]] = {}
+        out: dict[str, dict] = {}
         row = 0
         for i, _ in self.layers:
             out[str(i)] = {}
             for k in _KEYS:
                 out[str(i)][k] = [int(v) for v in flat[row].tolist()]
                 row += 1
+            # Routes dropped over capacity / requested: for cluster routing whole images, so the dropped image share.
+            requested = sum(out[str(i)]["tokens_requested"])
+            out[str(i)]["dropped_share"] = 1.0 - sum(out[str(i)]["tokens_kept"]) / requested if requested else 0.0
         self.reset()
         return out

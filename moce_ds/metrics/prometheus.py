@@ -65,6 +65,9 @@ class MetricsExporter:
                                      "expert, all ranks (exported by rank 0)", ["layer", "expert"], registry=r)
         self.load_cv = Gauge("moce_expert_load_cv", "Coefficient of variation (std/mean) of kept tokens over "
                              "experts in the last log interval; 0 is perfectly balanced", ["layer"], registry=r)
+        self.dropped_share = Gauge("moce_dropped_share", "Share of routes dropped over capacity in the last log "
+                                   "interval (cluster routing: whole images; token routing: tokens)", ["layer"],
+                                   registry=r)
         # Present only when DeepSpeed's wall_clock_breakdown is on: MOELayer then times its two all-to-alls.
         self.alltoall: Gauge | None = None
         self._server = None
@@ -129,6 +132,7 @@ class MetricsExporter:
                 self.tokens_dropped.labels(**labels).inc(max(0, req - k))
                 self.images_routed.labels(**labels).inc(img)
             self.load_cv.labels(layer=layer).set(load_cv(kept))
+            self.dropped_share.labels(layer=layer).set(stats["dropped_share"])
 
     def close(self) -> None:
         if self._server is not None:

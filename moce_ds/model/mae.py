@@ -19,6 +19,7 @@ from moce_ds.config.schema import MoEConfig
 from moce_ds.model.pos_embed import sincos_pos_embed_2d
 from moce_ds.model.registry import MAESpec
 from moce_ds.moe.layer import MoEMlp
+from moce_ds.moe.routing import ImageRoutes, LayerRoutes
 
 __all__ = ["MAEOutput", "MaskedAutoencoderViT", "RoutedBlock", "moe_block_ids", "init_local_experts"]
 
@@ -33,12 +34,12 @@ class MAEOutput:
 
 
 class RoutedBlock(Block):
-    """timm's pre-norm Block whose MLP may be a MoE that needs each token's cluster id."""
+    """timm's pre-norm Block whose MLP may be a MoE that takes this step's routes (or the images' cluster ids)."""
 
-    def forward(self, x: torch.Tensor, cluster_ids: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, routes: LayerRoutes | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         h = self.norm2(x)
-        h = self.mlp(h, cluster_ids) if isinstance(self.mlp, MoEMlp) else self.mlp(h)
+        h = self.mlp(h, routes) if isinstance(self.mlp, MoEMlp) else self.mlp(h)
         return x + self.drop_path2(self.ls2(h))
 
 
@@ -120,6 +121,16 @@ class MaskedAutoencoderViT(nn.Module):
         losses = [m.l_aux for _, m in self.moe_layers() if m.l_aux is not None]
         return torch.stack(losses).sum() if losses else self.cls_token.new_zeros(())
 
+    def route_images(self, cluster: torch.Tensor, tokens_per_image: int) -> ImageRoutes:
+        """cluster (N,) -> the routes of every cluster-routed MoE layer for this step, planned at once.
+
+        One (N, E) logit row per layer, one vectorised top-k + capacity pass, and (with expert
+        parallelism) one collective for all layers, before any block runs.
+        """
+        gates = [m.gate for _, m in self.moe_layers()]
+        logits = torch.stack([g.image_logits(cluster) for g in gates])  # (L_moe, N, E)
+        return gates[0].plan(logits, tokens_per_image)
+
     # ------------------------------------------------------------------ pixels
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: (N, 3, H, W) -> (N, L, p*p*3)"""
@@ -186,9 +197,9 @@ class MaskedAutoencoderViT(nn.Module):
             ids_restore = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        token_clusters = None if cluster is None else cluster[:, None].expand(-1, x.shape[1])  # (N, 1+K)
-        for blk in self.blocks:
-            x = blk(x, token_clusters)
+        routes = None if cluster is None else self.route_images(cluster, x.shape[1])
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, routes.layer(self.moe_blocks.index(i)) if routes and i in self.moe_blocks else None)
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:

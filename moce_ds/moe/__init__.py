@@ -1,7 +1,9 @@
-"""Mixture-of-experts pieces: gates (cluster, token), the DeepSpeed MoE subclass, load statistics."""
+"""Mixture-of-experts pieces: gates (cluster, token), image-level routing, the DeepSpeed MoE subclass, load stats."""
 
 from moce_ds.moe.balance import layer_load
-from moce_ds.moe.gates import ClusterGate, RecordingTokenGate, deepspeed_topk_routes
-from moce_ds.moe.layer import MoEMlp
+from moce_ds.moe.gates import ClusterGate, RecordingTokenGate
+from moce_ds.moe.layer import MoEMlp, PackedExperts
+from moce_ds.moe.routing import ImageRoutes, LayerRoutes, image_capacity, plan_image_routes
 
-__all__ = ["ClusterGate", "RecordingTokenGate", "deepspeed_topk_routes", "MoEMlp", "layer_load"]
+__all__ = ["ClusterGate", "RecordingTokenGate", "MoEMlp", "PackedExperts", "layer_load", "ImageRoutes",
+           "LayerRoutes", "image_capacity", "plan_image_routes"]

@@ -1,4 +1,7 @@
-"""Expert-load statistics from a MoE layer's last routes (per rank; reduce across ranks yourself)."""
+"""Expert-load statistics from a token-routed MoE layer's last routes (per rank; reduce across ranks yourself).
+
+Cluster-routed layers know their load at image level already (`LayerRoutes.load`); both give the same keys.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,17 @@ def layer_load(indices: torch.Tensor, exp_counts: torch.Tensor, images: int, tok
                num_experts: int) -> dict[str, torch.Tensor]:
     """indices: (k, S) kept expert per route (-1 dropped); exp_counts: (E,) requested before dropping.
 
-    Returns float64 (E,) tensors: tokens requested, tokens kept, images routed (an image counts for an
-    expert when at least one of its tokens was kept there).
+    Returns float64 (E,) tensors on the routes' device (no host copy): tokens requested, tokens kept,
+    images routed (an image counts for an expert when at least one of its tokens was kept there).
     """
     kept = indices[indices >= 0].long()
     tokens_kept = torch.bincount(kept, minlength=num_experts).double()
     # (k, B, T) -> per image, which experts received any of its tokens
-    per_image = indices.cpu().reshape(indices.shape[0], images, tokens_per_image).permute(1, 0, 2).reshape(images, -1)
-    hit = torch.zeros(images, num_experts + 1, dtype=torch.bool)
+    per_image = indices.reshape(indices.shape[0], images, tokens_per_image).permute(1, 0, 2).reshape(images, -1)
+    hit = torch.zeros(images, num_experts + 1, dtype=torch.bool, device=indices.device)
     hit.scatter_(1, (per_image.long() + 1).clamp_min(0), True)  # column 0 collects the dropped routes
     return {
-        "tokens_requested": exp_counts.detach().double().cpu(),
-        "tokens_kept": tokens_kept.cpu(),
-        "images": hit[:, 1:].sum(0).double().cpu(),
+        "tokens_requested": exp_counts.detach().double(),
+        "tokens_kept": tokens_kept,
+        "images": hit[:, 1:].sum(0).double(),
     }

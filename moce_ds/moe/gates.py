@@ -1,6 +1,7 @@
-"""Gates: turn inputs into expert scores, then let DeepSpeed's own top-k gating build the routes.
+"""Gates: turn inputs into expert scores and routes.
 
-Both gates return DeepSpeed 0.19's "sparse routes" 7-tuple
+The token gate is DeepSpeed's own; the cluster gate scores images and leaves routing to
+`moce_ds.moe.routing`, which plans every layer of a step at once. Both return DeepSpeed 0.19's "sparse routes" 7-tuple
 `(l_aux, capacity, num_experts, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts [E])`
 and remember the last routes (`last_indices`) for load statistics.
 """
@@ -8,32 +9,12 @@ and remember the last routes (`last_indices`) for load statistics.
 from __future__ import annotations
 
 import torch
-from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgating
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
-__all__ = ["ClusterGate", "RecordingTokenGate", "deepspeed_topk_routes"]
+from moce_ds.moe.routing import ImageRoutes, LayerRoutes, plan_image_routes
 
-
-def deepspeed_topk_routes(
-    logits: torch.Tensor,
-    k: int,
-    capacity_factor: float,
-    min_capacity: int,
-    drop_tokens: bool,
-    ep_group: torch.distributed.ProcessGroup | None,
-    use_tutel: bool = False,
-) -> tuple:
-    """logits: (S, E) float32 -> DeepSpeed's sparse-routes tuple, without any randomness of DeepSpeed's own.
-
-    Random token selection and top-2 second-expert sampling are off: the cluster gate's only noise is its
-    per-image noise, and both DeepSpeed options would otherwise stay on in eval().
-    """
-    if k == 1:
-        return top1gating(logits, capacity_factor, min_capacity, None, None, drop_tokens, False, ep_group, True,
-                          use_tutel)
-    if k == 2:
-        return top2gating(logits, capacity_factor, min_capacity, drop_tokens, ep_group, False, True)
-    return topkgating(logits, k, capacity_factor, min_capacity, drop_tokens, ep_group, "probs", True)
+__all__ = ["ClusterGate", "RecordingTokenGate"]
 
 
 class ClusterGate(nn.Module):
@@ -93,22 +74,27 @@ class ClusterGate(nn.Module):
             logits = logits + self.noise_std * torch.randn_like(logits)
         return logits
 
-    def forward(
-        self, tokens: torch.Tensor, cluster_ids: torch.Tensor, sparse_routes: bool = True, use_tutel: bool = False
-    ) -> tuple:
-        # tokens: (S, d) with S = B * T; cluster_ids: (B, T), constant along T.
-        if cluster_ids is None:
-            raise ValueError("the cluster gate needs the cluster id of every token: call MoE.forward(x, cluster_ids).")
-        if not sparse_routes:
-            raise ValueError("ClusterGate only produces DeepSpeed's sparse-routes form (DeepSpeed >= 0.19).")
-        batch, seq = cluster_ids.shape
-        if batch * seq != tokens.shape[0]:
-            raise ValueError(f"cluster_ids {tuple(cluster_ids.shape)} do not cover {tokens.shape[0]} tokens.")
-        logits = self.image_logits(cluster_ids[:, 0]).repeat_interleave(seq, dim=0)  # (S, E)
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        out = deepspeed_topk_routes(
-            logits, self.k, capacity_factor, self.min_capacity, self.drop_tokens, self.ep_group, use_tutel
+    def plan(self, logits: torch.Tensor, tokens_per_image: int,
+             ep_group: torch.distributed.ProcessGroup | None = None) -> ImageRoutes:
+        """logits (L, B, E) of L layers that share this gate's settings -> their image routes for the step."""
+        return plan_image_routes(
+            logits, self.k, self.capacity_factor if self.training else self.eval_capacity_factor, self.min_capacity,
+            tokens_per_image, self.drop_tokens, self.ep_group if ep_group is None else ep_group,
         )
+
+    def forward(
+        self, tokens: torch.Tensor, routes: LayerRoutes, sparse_routes: bool = True, use_tutel: bool = False
+    ) -> tuple:
+        # tokens: (S, d) with S = B * T; routes: this layer's image routes, planned before the layer ran.
+        if not isinstance(routes, LayerRoutes):
+            raise ValueError("the cluster gate routes by image: call MoEMlp(x, cluster_ids) or pass the step's "
+                             "LayerRoutes (MaskedAutoencoderViT.route_images).")
+        if not sparse_routes or use_tutel:
+            raise ValueError("ClusterGate only produces DeepSpeed's sparse-routes form, without Tutel.")
+        if routes.images * routes.tokens_per_image != tokens.shape[0]:
+            raise ValueError(f"routes for {routes.images} images x {routes.tokens_per_image} tokens do not cover "
+                             f"{tokens.shape[0]} tokens.")
+        out = routes.sparse_routes()
         self.last_indices = out[3].detach()
         return out
 

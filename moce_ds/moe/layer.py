@@ -2,22 +2,56 @@
 
 `MoEMlp` is built with timm's `Mlp` signature so it plugs into `Block(mlp_layer=...)`; its gate is
 either MoCE's `ClusterGate` or DeepSpeed's token gate. The engine recognises it as `deepspeed.moe.layer.MoE`.
+With cluster routing the layer knows, before dispatch, how many rows of every expert buffer are filled
+(`LayerRoutes.filled_images`), and `PackedExperts` runs each expert on those rows only: the capacity
+factor's padding costs no expert compute.
 """
 
 from __future__ import annotations
 
 import torch
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import nn
 
+from moce_ds.moe.balance import layer_load
 from moce_ds.moe.gates import ClusterGate, RecordingTokenGate
+from moce_ds.moe.routing import LayerRoutes
 
-__all__ = ["MoEMlp"]
+__all__ = ["MoEMlp", "PackedExperts"]
+
+
+class PackedExperts(Experts):
+    """DeepSpeed's `Experts` (same parameters and names), computing only the filled rows of each buffer.
+
+    `filled` (rows per [source ep rank][local expert]) is set by the layer before each forward and used once;
+    without it the forward is DeepSpeed's own (every row, padding included).
+    """
+
+    def __init__(self, expert: nn.Module, num_local_experts: int, expert_group_name: str | None) -> None:
+        super().__init__(expert, num_local_experts, expert_group_name)
+        self.filled: list[list[int]] | None = None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # inputs: (ep, local_E, C, d) after the all-to-all; rows [0, filled[r][j]) of (r, j) hold tokens.
+        filled, self.filled = self.filled, None
+        if filled is None:
+            return super().forward(inputs)
+        ep = inputs.shape[0]
+        out = inputs.new_zeros(inputs.shape)  # unfilled rows are never read back by the combine
+        for j, expert in enumerate(self.deepspeed_experts):
+            counts = [filled[r][j] for r in range(ep)]
+            rows = torch.cat([inputs[r, j, :n] for r, n in enumerate(counts)]) if ep > 1 else inputs[0, j, :counts[0]]
+            y = expert(rows)  # run even on 0 rows: every expert parameter then gets a (zero) gradient
+            for r, part in enumerate(y.split(counts)):
+                out[r, j, :counts[r]] = part
+        return out
+
 
 
 class MoEMlp(MoE):
-    """forward(x (B, T, d), cluster_ids (B, T) | None) -> (B, T, d); keeps `l_aux`, `exp_counts`, `last_tokens`."""
+    """forward(x (B, T, d), routes) -> (B, T, d); keeps `l_aux`, `exp_counts` and `last_load` of the last forward."""
 
     def __init__(
         self,
@@ -67,17 +101,35 @@ class MoEMlp(MoE):
                 None, drop_tokens, use_rts=use_rts,
             )
         self.deepspeed_moe.gate = gate
+        # Same parameter names and expert-group tags as DeepSpeed's Experts, so checkpoints and ZeRO see no change.
+        self.deepspeed_moe.experts = PackedExperts(expert, self.num_local_experts, self.expert_group_name)
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
-        self.last_tokens: tuple[int, int] = (0, 0)  # (images, tokens per image) of the last forward
+        self.last_load: dict[str, torch.Tensor] | None = None  # (E,) float64 per stat, this rank, last forward
 
     @property
     def gate(self) -> nn.Module:
         return self.deepspeed_moe.gate
 
-    def forward(self, x: torch.Tensor, cluster_ids: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        route_arg = cluster_ids if self.routing == "cluster" else None
-        out, l_aux, exp_counts = super().forward(x, route_arg)
+    def forward(self, x: torch.Tensor, routes: LayerRoutes | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """x: (B, T, d); routes: this layer's planned `LayerRoutes`, or cluster ids (B,) / (B, T) to plan alone."""
+        if self.routing == "cluster":
+            if not isinstance(routes, LayerRoutes):
+                routes = self.plan_alone(routes, x.shape[1])
+            self.deepspeed_moe.experts.filled = [[n * routes.tokens_per_image for n in row]
+                                                 for row in routes.filled_images]
+            out, l_aux, exp_counts = super().forward(x, routes)
+            self.last_load = {k: v.detach() for k, v in routes.load().items()}
+        else:
+            out, l_aux, exp_counts = super().forward(x, None)
+            self.last_load = layer_load(self.gate.last_indices, exp_counts, x.shape[0], x.shape[1],
+                                        self.num_experts)
         self.l_aux, self.exp_counts = l_aux, exp_counts
-        self.last_tokens = (x.shape[0], x.shape[1])
         return out
+
+    def plan_alone(self, cluster_ids: torch.Tensor | None, tokens_per_image: int) -> LayerRoutes:
+        """Routes of this layer by itself (a model plans all its layers at once instead)."""
+        if cluster_ids is None:
+            raise ValueError("the cluster gate needs the cluster id of every image: call MoEMlp(x, cluster_ids).")
+        image_clusters = cluster_ids[:, 0] if cluster_ids.dim() == 2 else cluster_ids  # (B,)
+        return self.gate.plan(self.gate.image_logits(image_clusters)[None], tokens_per_image).layer(0)

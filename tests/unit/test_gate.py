@@ -19,8 +19,8 @@ def _gate(**kw) -> ClusterGate:
 
 def _routes(gate: ClusterGate, clusters: torch.Tensor, seq: int, d: int = 16):
     tokens = torch.randn(clusters.shape[0] * seq, d)  # token features must not matter
-    ids = clusters[:, None].expand(-1, seq)
-    return gate(tokens, ids)
+    routes = gate.plan(gate.image_logits(clusters)[None], seq).layer(0)
+    return gate(tokens, routes)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -26,7 +26,7 @@ def test_counters_and_gauges_follow_the_conventions() -> None:
     exp.set_position(7, 1, 3)
     exp.set_losses(0.9, 0.85, 5.0, 1e-3)
     exp.add_expert_load({"1": {"tokens_requested": [30, 10, 0, 0], "tokens_kept": [20, 10, 0, 0],
-                               "images": [2, 1, 0, 0]}})
+                               "images": [2, 1, 0, 0], "dropped_share": 0.25}})
     assert _value(exp, "moce_images_processed_total") == 32
     assert _value(exp, "moce_step_seconds_count") == 2
     assert _value(exp, "moce_step_seconds_sum") == pytest.approx(0.5)
@@ -40,6 +40,7 @@ def test_counters_and_gauges_follow_the_conventions() -> None:
     assert _value(exp, "moce_expert_tokens_dropped_total", layer="1", expert="0") == 10
     assert _value(exp, "moce_expert_images_routed_total", layer="1", expert="1") == 1
     assert _value(exp, "moce_expert_load_cv", layer="1") == pytest.approx(load_cv([20, 10, 0, 0]))
+    assert _value(exp, "moce_dropped_share", layer="1") == 0.25
     for fam in exp.registry.collect():
         assert fam.name.startswith("moce_")
         for s in fam.samples:
@@ -111,4 +112,5 @@ def test_grafana_dashboard_uses_only_exported_series() -> None:
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\bmoce_[a-z_]+", e)}
     assert used and used <= names | {"moce_samples_skipped_total", "moce_expert_tokens_routed_total",
-                                     "moce_expert_tokens_dropped_total", "moce_expert_load_cv"}, used - names
+                                     "moce_expert_tokens_dropped_total", "moce_expert_load_cv",
+                                     "moce_dropped_share"}, used - names

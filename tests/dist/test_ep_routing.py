@@ -1,0 +1,23 @@
+"""Image-level routing with experts split over two real ranks equals the same layer whole on one rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.dist.launch import ROOT, run_deepspeed
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_ep2_layer_equals_ep1_layer_with_and_without_drops(tmp_path):
+    run_deepspeed(ROOT / "tests" / "dist" / "workers" / "ep2_equals_ep1.py", [str(tmp_path)], timeout=240)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["drop"]["kept_tokens"] < 60 == result["dropless"]["kept_tokens"]  # 12 images x 5 tokens
+        for mode in ("drop", "dropless"):
+            r = result[mode]
+            assert r["out_norm"] > 1.0
+            assert r["out"] <= 1e-5 and r["x_grad"] <= 1e-5 and r["gate_grad"] <= 1e-5, (rank, mode, r)
+            assert r["expert_grad"] <= 1e-4, (rank, mode, r)
