@@ -38,16 +38,23 @@ class PackedExperts(Experts):
         filled, self.filled = self.filled, None
         if filled is None:
             return super().forward(inputs)
-        ep = inputs.shape[0]
-        out = inputs.new_zeros(inputs.shape)  # unfilled rows are never read back by the combine
+        ep, local, cap, d = inputs.shape
+        # One split into (filled, padding) pieces and one cat back: both are views or a single copy, and their
+        # backward is the same. Slice assignment into a zero buffer instead would copy the whole buffer's
+        # gradient once per expert in backward.
+        sizes = [n for r in range(ep) for j in range(local) for n in (filled[r][j], cap - filled[r][j])]
+        pieces = inputs.reshape(-1, d).split(sizes)
+        per_rank: list[list[torch.Tensor]] = [[] for _ in range(ep)]  # [r][j] expert output rows
         for j, expert in enumerate(self.deepspeed_experts):
-            counts = [filled[r][j] for r in range(ep)]
-            rows = torch.cat([inputs[r, j, :n] for r, n in enumerate(counts)]) if ep > 1 else inputs[0, j, :counts[0]]
-            y = expert(rows)  # run even on 0 rows: every expert parameter then gets a (zero) gradient
-            for r, part in enumerate(y.split(counts)):
-                out[r, j, :counts[r]] = part
-        return out
-
+            rows = [pieces[2 * (r * local + j)] for r in range(ep)]
+            y = expert(rows[0] if ep == 1 else torch.cat(rows))  # run even on 0 rows: every parameter gets a grad
+            for r, part in enumerate(y.split([filled[r][j] for r in range(ep)])):
+                per_rank[r].append(part)
+        out = []
+        for r in range(ep):
+            for j in range(local):
+                out += [per_rank[r][j], inputs.new_zeros(cap - filled[r][j], d)]  # padding is never read back
+        return torch.cat(out).view(ep, local, cap, d)
 
 
 class MoEMlp(MoE):

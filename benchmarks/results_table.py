@@ -1,0 +1,144 @@
+"""Regenerate the results tables in benchmarks/README.md from the latest run in each results/*.jsonl.
+
+    python benchmarks/results_table.py           # rewrites the block between the results markers in README.md
+
+Only the block between `<!-- results:begin -->` and `<!-- results:end -->` is rewritten; the prose around it is
+kept. A benchmark without results yet is listed with the command that produces them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def latest_run(path: Path, bench: str | None = None) -> list[dict]:
+    """The rows of the newest run (largest "time" stamp) in a JSON-lines file; [] when there is none."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if bench is None or r.get("bench", bench) == bench]
+    if not rows:
+        return []
+    newest = max(r.get("time", "") for r in rows)
+    return [r for r in rows if r.get("time", "") == newest]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def moe_layer_section(rows: list[dict]) -> list[str]:
+    seen, body = set(), []
+    for r in rows:
+        key = (r["width"], r["experts"], r["images"])
+        if key in seen:
+            continue
+        seen.add(key)
+        body.append([str(r["width"]), str(r["experts"]), str(r["images"]), f"{1e3 * r['dense_s']:.1f}",
+                     f"{r['moce_vs_dense']:.2f}x ({100 * r['moce_dropped_share']:.0f} % dropped)",
+                     f"**{r['moce_dropless_vs_dense']:.2f}x**", f"{r['token_vs_dense']:.2f}x",
+                     f"{100 * r['cluster_gate_share']:.2f} % ({1e3 * r['cluster_gate_s']:.2f} ms)",
+                     f"{100 * r['token_gate_share']:.2f} %"])
+    r0 = rows[0]
+    return [f"MoE layer forward + backward, run of {r0['time']} ({r0['tokens_per_image']} tokens per image, "
+            f"{r0['threads']} thread, median of {r0['rounds']} interleaved rounds; targets: MoCE <= 1.15x dense at "
+            "width 384, cluster gate < 5 % and flat in width):", "",
+            *_table(["width", "experts", "images", "dense MLP ms", "MoCE / dense", "MoCE dropless / dense",
+                     "TokenMoE / dense",
+                     "cluster gate share", "token gate share"], body)]
+
+
+def throughput_section(rows: list[dict]) -> list[str]:
+    body = []
+    for r in sorted(rows, key=lambda r: (r["ranks"], ["dense", "token", "moce"].index(r["variant"]))):
+        s = r["split_s"]
+        body.append([str(r["ranks"]), str(r["ep_size"]), r["variant"], f"{r['images_per_s']:.1f}",
+                     f"{r['vs_dense']:.2f}x" if r.get("vs_dense") else "", f"{100 * r['mfu']:.1f} %",
+                     f"{100 * r['moe_share']:.0f} %",
+                     " / ".join(f"{1e3 * s[p]:.0f}" for p in ("gate", "dispatch", "alltoall", "experts")),
+                     f"{100 * r['dropped_share']:.1f} %"])
+    r0 = rows[0]
+    return [f"Train step, run of {r0['time']} (width {r0['width']}, {r0['depth']} blocks, E={r0['experts']}, "
+            f"micro-batch {r0['micro_batch']}, {r0['tokens_per_image']} tokens per image, "
+            f"{r0['threads_per_rank']} thread per rank, matmul peak {r0['peak_gflops']:.0f} GFLOP/s; "
+            "target: MoCE >= 0.9x dense):", "",
+            *_table(["ranks", "ep_size", "model", "images/s", "vs dense", "MFU", "MoE share of step",
+                     "gate / dispatch / all-to-all / experts ms", "dropped"], body)]
+
+
+def load_balance_section(rows: list[dict]) -> list[str]:
+    summary = [r for r in rows if r.get("kind") == "summary"] or rows
+    keys = [k for k in ("run", "routing", "aux_loss_weight", "cv", "floor", "cv_over_floor", "max_over_mean",
+                        "dropped_share") if any(k in r for r in summary)]
+
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return [f"Expert balance over a pre-training run, run of {summary[0].get('time', '?')} "
+            "(target: MoCE's image CV within 1.2x the sampling floor with the aux loss on):", "",
+            *_table(keys, [[fmt(r.get(k, "")) for k in keys] for r in summary])]
+
+
+def scaling_section(rows: list[dict]) -> list[str]:
+    measured = [r for r in rows if r.get("kind") == "measured"]
+    modelled = [r for r in rows if r.get("kind") == "model"]
+    out = [f"Expert-parallel scaling, run of {rows[0].get('time', '?')}:", ""]
+    if measured:
+        keys = [k for k in ("ranks", "images_per_s", "efficiency", "alltoall_share") if k in measured[0]]
+        out += _table(keys, [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+                             for r in measured]) + [""]
+    if modelled:
+        keys = [k for k in ("experts", "gpus", "ep_size", "a2a_bytes_per_gpu", "a2a_s", "compute_s", "efficiency",
+                            "a2a_share") if k in modelled[0]]
+        out += _table(keys, [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+                             for r in modelled])
+    return out
+
+
+SECTIONS: list[tuple[str, str, str, Callable[[list[dict]], list[str]]]] = [
+    ("moe_layer", "moe_layer", "python benchmarks/moe_layer.py", moe_layer_section),
+    ("throughput", "throughput", "python benchmarks/throughput.py", throughput_section),
+    ("load_balance", "load_balance", "python benchmarks/load_balance.py", load_balance_section),
+    ("scaling", "scaling", "python benchmarks/scaling.py", scaling_section),
+]
+
+
+def render(results: Path) -> str:
+    lines = [BEGIN, "", "_Generated by `python benchmarks/results_table.py` from the newest run in each "
+             "`results/*.jsonl`; edit the prose outside this block._", ""]
+    for name, bench, command, section in SECTIONS:
+        rows = latest_run(results / f"{name}.jsonl", bench)
+        lines += [f"### {name}", ""]
+        lines += section(rows) if rows else [f"No results yet: run `{command}`."]
+        lines.append("")
+    return "\n".join([*lines, END])
+
+
+def rewrite(readme: Path, results: Path) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no '{BEGIN}' ... '{END}' block to rewrite; add the two markers where the "
+                         "tables should go.")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + render(results) + tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", type=Path, default=HERE / "README.md")
+    ap.add_argument("--results", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    rewrite(args.readme, args.results)
+    print(f"rewrote the results block of {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
