@@ -74,31 +74,44 @@ def throughput_section(rows: list[dict]) -> list[str]:
 
 
 def load_balance_section(rows: list[dict]) -> list[str]:
-    summary = [r for r in rows if r.get("kind") == "summary"] or rows
-    keys = [k for k in ("run", "routing", "aux_loss_weight", "cv", "floor", "cv_over_floor", "max_over_mean",
-                        "dropped_share") if any(k in r for r in summary)]
-
-    def fmt(v) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return [f"Expert balance over a pre-training run, run of {summary[0].get('time', '?')} "
-            "(target: MoCE's image CV within 1.2x the sampling floor with the aux loss on):", "",
-            *_table(keys, [[fmt(r.get(k, "")) for k in keys] for r in summary])]
+    summary = [r for r in rows if r.get("kind") == "summary"]
+    body = []
+    for r in summary:
+        unit = r.get("primary", "images")
+        body.append([r["run"], " ".join(r.get("overrides", [])), unit, f"{r[f'cv_{unit}_rms']:.3f}",
+                     f"{r[f'floor_{unit}']:.3f}", f"**{r['ratio']:.2f}x**", f"{r.get('ratio_requested', 0):.2f}x",
+                     f"{r['max_mean']:.2f}", f"{100 * r['dropped_share']:.1f} %"])
+    r0 = summary[0] if summary else rows[0]
+    return [f"Expert balance over pre-training, run of {r0['time']} ({r0.get('steps')} steps of {r0.get('batch')} "
+            "images, second half; CV = RMS over steps of std/mean over experts, floor = sqrt((E-1)/n); target: "
+            "MoCE's image CV within 1.2x the floor with the aux loss on):", "",
+            *_table(["run", "overrides", "unit", "CV", "floor", "CV / floor", "CV / floor before capacity",
+                     "max / mean", "dropped"], body)]
 
 
 def scaling_section(rows: list[dict]) -> list[str]:
-    measured = [r for r in rows if r.get("kind") == "measured"]
-    modelled = [r for r in rows if r.get("kind") == "model"]
-    out = [f"Expert-parallel scaling, run of {rows[0].get('time', '?')}:", ""]
+    measured = sorted((r for r in rows if r.get("kind") == "measured"), key=lambda r: r["ranks"])
+    modelled = [r for r in rows if r.get("kind") == "model" and r["gpus"] in (8, 16, 64, 256, 1024)]
+    out = [f"Expert-parallel scaling, run of {rows[0]['time']}.", ""]
     if measured:
-        keys = [k for k in ("ranks", "images_per_s", "efficiency", "alltoall_share") if k in measured[0]]
-        out += _table(keys, [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-                             for r in measured]) + [""]
+        out += [f"Measured, MoCE train step (weak scaling, micro-batch {measured[0]['micro_batch']} per rank, "
+                f"{measured[0]['device']}):", ""]
+        out += _table(["ranks", "ep_size", "images/s", "per rank", "efficiency", "all-to-all share of step"],
+                      [[str(r["ranks"]), str(r["ep_size"]), f"{r['images_per_s']:.1f}",
+                        f"{r['images_per_s_per_rank']:.1f}", f"{r['efficiency']:.2f}",
+                        f"{100 * r['a2a_share']:.1f} %"]
+                       for r in measured]) + [""]
     if modelled:
-        keys = [k for k in ("experts", "gpus", "ep_size", "a2a_bytes_per_gpu", "a2a_s", "compute_s", "efficiency",
-                            "a2a_share") if k in modelled[0]]
-        out += _table(keys, [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-                             for r in modelled])
+        out += [f"Modelled ({modelled[0]['model_size']}, {modelled[0]['micro_batch']} images per GPU, "
+                "formulas and link speeds in `benchmarks/scaling.py`):", ""]
+        out += _table(["experts", "GPUs", "ep_size", "all-to-all link", "all-to-all MB / GPU / step",
+                       "all-to-all ms", "compute ms", "efficiency vs 8 GPUs", "(all-reduce overlapped)",
+                       "all-to-all share"],
+                      [[str(r["experts"]), str(r["gpus"]), str(r["ep_size"]), str(r["a2a_link"]),
+                        f"{r['a2a_bytes_per_gpu'] / 1e6:.0f}", f"{1e3 * r['a2a_s']:.2f}",
+                        f"{1e3 * r['compute_s']:.1f}", f"{r['efficiency']:.2f}", f"{r['efficiency_ar_overlapped']:.2f}",
+                        f"{100 * r['a2a_share']:.1f} %"]
+                       for r in modelled])
     return out
 
 

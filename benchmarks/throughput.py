@@ -8,7 +8,9 @@ their train steps in interleaved rounds on the same synthetic batch. With 2 rank
 
 The MoE layers' time is split by hooks into gate (MoCE: the step's route plan and its expansion; TokenMoE: the
 token gate incl. its backward), all-to-all (DeepSpeed's `_AllToAll`, forward and backward), experts (forward and
-backward) and dispatch (the rest of the MoE layer: encode/decode gathers and their backward). MFU counts the
+backward) and dispatch (the rest of the MoE layer: encode/decode gathers and their backward); `engine.step()`
+(ZeRO-2 gradient reduction and the optimizer, whose cost follows all parameters, not the active ones) is timed
+as "optimizer". MFU counts the
 dense model's FLOPs (torch's FlopCounterMode, forward + backward) for every variant, against the best matmul
 GFLOP/s measured in the same worker at the same thread count.
 
@@ -200,10 +202,13 @@ def worker(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             out = engine(images, clusters)
             engine.backward(out.loss)
-            engine.step()
+            deepspeed.get_accelerator().synchronize()
+            t_opt = time.perf_counter()
+            engine.step()  # ZeRO-2 gradient reduction + optimizer: scales with all parameters, not active ones
             deepspeed.get_accelerator().synchronize()
             elapsed = time.perf_counter() - t0
             split = clock.take()
+            split["optimizer"] = time.perf_counter() - t_opt
             if r >= args.warmup:
                 step_s[variant].append(elapsed)
                 parts[variant].append(split)
@@ -215,7 +220,8 @@ def worker(args: argparse.Namespace) -> None:
     results = []
     for variant in args.variants:
         med = statistics.median(step_s[variant])
-        split = {p: statistics.median(s.get(p, 0.0) for s in parts[variant]) for p in (*PARTS, "moe_total", "plan")}
+        split = {p: statistics.median(s.get(p, 0.0) for s in parts[variant])
+                 for p in (*PARTS, "moe_total", "plan", "optimizer")}
         # The route plan runs before the first block, outside the layers' hooks: it is gate time of the MoE layers.
         split["gate"] += split["plan"]
         split["moe_total"] += split.pop("plan")
@@ -240,8 +246,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_ranks(ranks: int, variants: list[str], steps: int, width: int = 384, micro_batch: int = 32,
               experts: int = 8, threads: int = 1, extra: list[str] | None = None) -> list[dict]:
     """Launch the worker on `ranks` ranks under the deepspeed launcher; returns rank 0's rows."""
-    sys.path.insert(0, str(ROOT / "tests" / "dist"))
-    from launch import free_port  # one helper for a free TCP port, shared with the tests
+    from moce_ds.engine.distributed import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
@@ -272,7 +277,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set_ylabel("train images/s (all ranks)")
     ax1.legend()
     labels, bottoms = [], []
-    moe_rows = [r for r in rows if r["variant"] != "dense"]
+    moe_rows = sorted(rows, key=lambda r: (r["ranks"], VARIANTS.index(r["variant"])))
     for j, r in enumerate(moe_rows):
         labels.append(f"{r['variant']}\n{r['ranks']}r")
         bottom = 0.0
@@ -280,6 +285,9 @@ def plot(rows: list[dict], path: Path) -> None:
             v = 1e3 * r["split_s"][part]
             ax2.bar(j, v, bottom=bottom, color=color, label=part if j == 0 else None)
             bottom += v
+        opt = 1e3 * r["split_s"].get("optimizer", 0.0)
+        ax2.bar(j, opt, bottom=bottom, color="tab:blue", label="optimizer step" if j == 0 else None)
+        bottom += opt
         rest = 1e3 * r["step_s"] - bottom
         ax2.bar(j, rest, bottom=bottom, color="lightgrey", label="rest of step" if j == 0 else None)
         bottoms.append(bottom)
@@ -329,7 +337,7 @@ def main() -> None:
                   f"  vs dense {r['vs_dense'] or 0:.2f}x  MFU {100 * r['mfu']:.1f}%"
                   f"  MoE {100 * r['moe_share']:.0f}% of step"
                   f"  gate {100 * r['gate_share_of_moe']:.1f}% of MoE  dropped {100 * r['dropped_share']:.1f}%  "
-                  + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in PARTS), flush=True)
+                  + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in (*PARTS, "optimizer")), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     writer = JsonlWriter(args.out / "throughput.jsonl")
     for r in rows:

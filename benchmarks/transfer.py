@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,15 +31,10 @@ from moce_ds.customize.task_data import load_task_data  # noqa: E402
 from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, png_bytes  # noqa: E402
 from moce_ds.data.keys import make_key  # noqa: E402
 from moce_ds.data.shard_writer import write_shards  # noqa: E402
+from moce_ds.engine.distributed import free_port  # noqa: E402
 from moce_ds.evaluation import extract_features, linear_probe, load_encoder  # noqa: E402
 
 METHODS = {"mae": "dense", "tokenmoe": "token", "moce": "cluster"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pretrain(run: Path, overrides: list[str], steps: int) -> Path:
@@ -53,7 +47,7 @@ def pretrain(run: Path, overrides: list[str], steps: int) -> Path:
 
         shutil.rmtree(run)  # an unfinished run from an interrupted sweep
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     cmd = [sys.executable, str(ROOT / "launchers" / "pretrain.py"), f"output_dir={run}", f"train.max_steps={steps}",
            "train.log_every=50", *overrides]
     t0 = time.time()

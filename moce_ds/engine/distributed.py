@@ -7,6 +7,7 @@ DeepSpeed's own init.
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 
 import deepspeed
@@ -14,7 +15,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-__all__ = ["DistInfo", "init_distributed", "resolve_ep_size", "barrier", "all_reduce_sum", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "resolve_ep_size", "barrier", "all_reduce_sum", "broadcast_object",
+           "free_port"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,10 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now, for a launcher's --master_port (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

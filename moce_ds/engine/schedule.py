@@ -38,7 +38,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, base_lr: float
 
 def build_optimizer(model: nn.Module, lr: float, min_lr: float, weight_decay: float, betas: tuple[float, float],
                     warmup_steps: int, total_steps: int):
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    # Fused AdamW (CPU and CUDA): one pass over each flat ZeRO partition instead of ~8 elementwise kernels.
+    # A MoE model carries E x the MLP parameters of its dense twin, so the step's optimizer cost is where MoE
+    # loses to dense at equal active parameters: 38 M fp32 parameters took 415 ms per step unfused on one
+    # CPU thread and 44 ms fused (benchmarks/README.md, throughput).
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup_steps, total_steps, lr, min_lr))
     return opt, sched

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from moce_ds.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_and_dump.py"  # pretrain, then dump each rank's weights
@@ -16,12 +17,6 @@ def two_rank_overrides(run: Path, cache: Path, steps: int) -> list[str]:
     """The 2-rank, ep_size=2 test configuration (micro-batch 16 comes from write_ds_config)."""
     return [f"output_dir={run}", f"data.cache_dir={cache}", f"train.max_steps={steps}", "train.log_every=1",
             "data.num_workers=1", "moe.ep_size=2", "moe.num_experts=4", "train.warmup_steps=5", "train.epochs=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_ds_config(path: Path, micro_batch: int = 16, **extra) -> Path:

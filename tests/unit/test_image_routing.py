@@ -32,7 +32,8 @@ def test_plan_equals_deepspeed_gating_of_the_same_logits_per_token(k):
 
 
 def test_model_plans_all_layers_at_once_as_each_layer_would_alone():
-    cfg = load_config([], ["moe.routing=cluster", "moe.num_clusters=8", "moe.gate_noise_std=0", "moe.capacity_factor=1.0"])
+    cfg = load_config([], ["moe.routing=cluster", "moe.num_clusters=8", "moe.gate_noise_std=0",
+                           "moe.capacity_factor=1.0"])
     model = build_model(cfg).train()
     clusters = torch.randint(0, 8, (16,))
     plan = model.route_images(clusters, tokens_per_image=5)
@@ -105,8 +106,8 @@ def test_packed_experts_compute_what_deepspeeds_padded_experts_compute(drop):
 
 
 def test_dropped_share_counts_whole_images():
-    cfg = load_config([], ["moe.routing=cluster", "moe.num_clusters=8", "moe.num_experts=4", "moe.capacity_factor=1.0",
-                           "moe.gate_noise_std=0"])
+    cfg = load_config([], ["moe.routing=cluster", "moe.num_clusters=8", "moe.num_experts=4",
+                           "moe.capacity_factor=1.0", "moe.gate_noise_std=0"])
     model = build_model(cfg).train()
     with torch.no_grad():
         for _, moe in model.moe_layers():

@@ -38,7 +38,8 @@ def run(moe: MoEMlp, x: torch.Tensor, clusters: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = moe(x, clusters)
     (out.square().sum() + moe.l_aux).backward()
-    experts = [torch.cat([p.grad.flatten() for p in mlp.parameters()]) for mlp in moe.deepspeed_moe.experts.deepspeed_experts]
+    local = moe.deepspeed_moe.experts.deepspeed_experts
+    experts = [torch.cat([p.grad.flatten() for p in mlp.parameters()]) for mlp in local]
     return out.detach(), x.grad, moe.gate.wg.weight.grad.clone(), experts
 
 
