@@ -6,12 +6,14 @@ Each rank count is one `deepspeed --num_gpus R` launch of this file's worker, wh
 their train steps in interleaved rounds on the same synthetic batch. With 2 ranks the experts are split
 (ep_size=2); the dense model is plain data parallel.
 
-The MoE layers' time is split by hooks into gate (MoCE: the step's route plan and its expansion; TokenMoE: the
-token gate incl. its backward), all-to-all (DeepSpeed's `_AllToAll`, forward and backward), experts (forward and
-backward) and dispatch (the rest of the MoE layer: encode/decode gathers and their backward); `engine.step()`
-(ZeRO-2 gradient reduction and the optimizer, whose cost follows all parameters, not the active ones) is timed
-as "optimizer". MFU counts the
-dense model's FLOPs (torch's FlopCounterMode, forward + backward) for every variant, against the best matmul
+The MoE layers' time (for dense: the MLPs of the same blocks, as "experts") is split by hooks into gate (MoCE:
+the step's route plan and its expansion; TokenMoE: the token gate incl. its backward), all-to-all (DeepSpeed's
+`_AllToAll`, forward and backward), experts (forward and backward) and dispatch (the rest of the MoE layer:
+encode/decode gathers and their backward); `engine.step()` (ZeRO-2's partition update and the optimizer, whose
+cost follows all parameters, not the active ones) is timed as "optimizer", and the rest of the step (attention,
+the other MLPs, decoder, loss, ZeRO-2's per-parameter gradient hooks) as "rest". MFU counts the dense model's
+FLOPs (torch's FlopCounterMode, forward + backward; it does not count CPU attention kernels, a few % here) for
+every variant, against the best matmul
 GFLOP/s measured in the same worker at the same thread count.
 
     python benchmarks/throughput.py   # ~4 min on 2 cores; appends to results/throughput.jsonl, draws throughput.png
@@ -167,7 +169,13 @@ def worker(args: argparse.Namespace) -> None:
         model = build_model(cfg, ep if variant != "dense" else 1, info.rank % ep, spec=spec)
         opt, sched = build_optimizer(model, 1e-4, 1e-5, 0.05, (0.9, 0.95), 1, 1000)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-        if variant != "dense":
+        if variant == "dense":  # the MLPs where the MoE models have MoE layers: the like-for-like "experts" time
+            from moce_ds.model.mae import moe_block_ids
+
+            for i in moe_block_ids(spec.depth, load_config([], ["moe.routing=cluster"]).moe):
+                clock.watch(model.blocks[i].mlp, "moe_total")
+                clock.watch(model.blocks[i].mlp, "experts")
+        else:
             for _, moe in model.moe_layers():
                 clock.watch(moe, "moe_total")
                 clock.watch(moe.deepspeed_moe.experts, "experts")
@@ -226,6 +234,7 @@ def worker(args: argparse.Namespace) -> None:
         split["gate"] += split["plan"]
         split["moe_total"] += split.pop("plan")
         split["dispatch"] = max(0.0, split["moe_total"] - split["gate"] - split["alltoall"] - split["experts"])
+        split["rest"] = med - split["moe_total"] - split["optimizer"]  # attention, dense MLPs, decoder, ZeRO hooks
         results.append({
             "variant": variant, "ranks": info.world_size, "ep_size": ep if variant != "dense" else 1,
             "step_s": med, "images_per_s": info.world_size * args.micro_batch / med,

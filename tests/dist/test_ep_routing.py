@@ -11,7 +11,7 @@ from tests.dist.launch import ROOT, run_deepspeed
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_ep2_layer_equals_ep1_layer_with_and_without_drops(tmp_path):
+def test_ep2_layer_equals_ep1_layer_and_a_step_plans_all_layers_with_one_collective(tmp_path):
     run_deepspeed(ROOT / "tests" / "dist" / "workers" / "ep2_equals_ep1.py", [str(tmp_path)], timeout=240)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -21,3 +21,6 @@ def test_ep2_layer_equals_ep1_layer_with_and_without_drops(tmp_path):
             assert r["out_norm"] > 1.0
             assert r["out"] <= 1e-5 and r["x_grad"] <= 1e-5 and r["gate_grad"] <= 1e-5, (rank, mode, r)
             assert r["expert_grad"] <= 1e-4, (rank, mode, r)
+        # Three MoE layers, one forward: one all-gather plans them all; the rest is DeepSpeed's 2 all-to-alls per layer.
+        for mode in ("drop", "dropless"):
+            assert result["collectives"][mode] == {"all_gather": 1, "all_to_all_single": 6}, (rank, mode, result)

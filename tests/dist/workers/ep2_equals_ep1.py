@@ -12,6 +12,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from moce_ds.config import load_config
+from moce_ds.model import build_model
 from moce_ds.moe import MoEMlp
 
 OUT = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))  # the launcher appends --local_rank
@@ -43,6 +45,32 @@ def run(moe: MoEMlp, x: torch.Tensor, clusters: torch.Tensor):
     return out.detach(), x.grad, moe.gate.wg.weight.grad.clone(), experts
 
 
+def collectives_per_forward(drop: bool) -> dict[str, int]:
+    """Calls into torch.distributed during one forward of a 3-MoE-layer model with ep_size=2 (spied, not mocked)."""
+    cfg = load_config([], ["moe.num_experts=4", "moe.ep_size=2", "moe.num_clusters=8", "moe.layers=[0,1,2]",
+                           f"moe.drop_tokens={str(drop).lower()}"])
+    model = build_model(cfg, ep_size=2, ep_rank=dist.get_rank())
+    for _, moe in model.moe_layers():
+        moe.set_deepspeed_parallelism()
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_to_all_single", "broadcast")}
+
+    def spy(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(dist, name, spy(name))
+    try:
+        model(torch.randn(6, 3, 32, 32), torch.randint(0, 8, (6,)))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return counts
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -65,6 +93,7 @@ def main() -> None:
             "out_norm": whole[0].norm().item(),
             "kept_tokens": int((split[0].abs().sum(-1) > 0).sum()),
         }
+    result["collectives"] = {"drop": collectives_per_forward(True), "dropless": collectives_per_forward(False)}
     (OUT / f"rank{rank}.json").write_text(json.dumps(result))
 
 
