@@ -63,7 +63,9 @@ def throughput_section(rows: list[dict]) -> list[str]:
                      f"{r['vs_dense']:.2f}x" if r.get("vs_dense") else "", f"{100 * r['mfu']:.1f} %",
                      f"{100 * r['moe_share']:.0f} %",
                      " / ".join(f"{1e3 * s[p]:.0f}" for p in ("gate", "dispatch", "alltoall", "experts")),
-                     f"{1e3 * s.get('optimizer', float('nan')):.0f}", f"{1e3 * s.get('rest', float('nan')):.0f}",
+                     f"{1e3 * s.get('zero_grads', float('nan')):.0f} / {1e3 * s.get('optimizer', float('nan')):.0f}",
+                     f"{1e3 * s.get('rest', float('nan')):.0f}",
+                     f"{r['compute_vs_dense']:.2f}x" if r.get("compute_vs_dense") else "",
                      f"{100 * r['dropped_share']:.1f} %"])
     r0 = rows[0]
     return [f"Train step, run of {r0['time']} (width {r0['width']}, {r0['depth']} blocks, E={r0['experts']}, "
@@ -72,7 +74,8 @@ def throughput_section(rows: list[dict]) -> list[str]:
             "target: MoCE >= 0.9x dense):", "",
             *_table(["ranks", "ep_size", "model", "images/s", "vs dense", "MFU", "MoE share of step",
                      "gate / dispatch / all-to-all / experts ms (dense: its MLPs in those blocks)",
-                     "optimizer step ms", "rest of step ms", "dropped"], body)]
+                     "ZeRO-2 grad copies / optimizer step ms", "rest of step ms",
+                     "vs dense without the ZeRO and optimizer parts", "dropped"], body)]
 
 
 def load_balance_section(rows: list[dict]) -> list[str]:

@@ -10,8 +10,10 @@ The MoE layers' time (for dense: the MLPs of the same blocks, as "experts") is s
 the step's route plan and its expansion; TokenMoE: the token gate incl. its backward), all-to-all (DeepSpeed's
 `_AllToAll`, forward and backward), experts (forward and backward) and dispatch (the rest of the MoE layer:
 encode/decode gathers and their backward); `engine.step()` (ZeRO-2's partition update and the optimizer, whose
-cost follows all parameters, not the active ones) is timed as "optimizer", and the rest of the step (attention,
-the other MLPs, decoder, loss, ZeRO-2's per-parameter gradient hooks) as "rest". MFU counts the dense model's
+cost follows all parameters, not the active ones) is timed as "optimizer", ZeRO-2's gradient bucketing in the
+backward's parameter hooks as "zero_grads" (taken out of the module spans it runs in), and the rest of the step
+(attention, the other MLPs, decoder, loss) as "rest". `compute_vs_dense` compares the steps without the two
+parameter-proportional parts: the model's own forward + backward. MFU counts the dense model's
 FLOPs (torch's FlopCounterMode, forward + backward; it does not count CPU attention kernels, a few % here) for
 every variant, against the best matmul
 GFLOP/s measured in the same worker at the same thread count.
@@ -74,13 +76,20 @@ class SplitClock:
             module.register_full_backward_pre_hook(lambda m, g: self._start(part, key, "b"))
             module.register_full_backward_hook(lambda m, gi, go: self._stop(part, key, "b"))
 
-    def wrap(self, fn, part: str):
+    def wrap(self, fn, part: str, exclusive: bool = False):
+        """Time every call of fn as `part`; exclusive: also take its time out of the spans open around it."""
         def timed(*args, **kwargs):
-            self._start(part, 0, "call")
+            self.sync()
+            t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._stop(part, 0, "call")
+                self.sync()
+                dt = time.perf_counter() - t0
+                self.totals[part] += dt
+                if exclusive:
+                    for k in self._open:
+                        self._open[k] += dt
         return timed
 
     def take(self) -> dict[str, float]:
@@ -186,6 +195,14 @@ def worker(args: argparse.Namespace) -> None:
                     clock.watch(moe.gate, "gate", backward=False)  # expansion of planned routes to tokens
             if variant == "moce":
                 model.route_images = clock.wrap(model.route_images, "plan")  # the step's one route plan
+        # ZeRO-2's gradient bucketing (copy into the bucket, flatten, all-reduce, copy back, copy into the
+        # partition) runs in parameter hooks during backward, i.e. inside the module spans above; time it on its
+        # own and out of those spans. Its cost follows all parameters, not the active ones.
+        zero = engine.optimizer
+        for name in ("reduce_ready_partitions_and_remove_grads", "overlapping_partition_gradients_reduce_epilogue",
+                     "reduce_gradients"):
+            if hasattr(zero, name):
+                setattr(zero, name, clock.wrap(getattr(zero, name), "zero_grads", exclusive=True))
         engines[variant], models[variant] = engine, model
     assert all(isinstance(m, MoEMlp) for _, m in models.get("moce", models[args.variants[0]]).moe_layers())
 
@@ -229,15 +246,16 @@ def worker(args: argparse.Namespace) -> None:
     for variant in args.variants:
         med = statistics.median(step_s[variant])
         split = {p: statistics.median(s.get(p, 0.0) for s in parts[variant])
-                 for p in (*PARTS, "moe_total", "plan", "optimizer")}
+                 for p in (*PARTS, "moe_total", "plan", "optimizer", "zero_grads")}
         # The route plan runs before the first block, outside the layers' hooks: it is gate time of the MoE layers.
         split["gate"] += split["plan"]
         split["moe_total"] += split.pop("plan")
         split["dispatch"] = max(0.0, split["moe_total"] - split["gate"] - split["alltoall"] - split["experts"])
-        split["rest"] = med - split["moe_total"] - split["optimizer"]  # attention, dense MLPs, decoder, ZeRO hooks
+        split["rest"] = med - split["moe_total"] - split["optimizer"] - split["zero_grads"]  # attention, MLPs, decoder
+        compute = med - split["optimizer"] - split["zero_grads"]  # the model's own forward + backward
         results.append({
             "variant": variant, "ranks": info.world_size, "ep_size": ep if variant != "dense" else 1,
-            "step_s": med, "images_per_s": info.world_size * args.micro_batch / med,
+            "step_s": med, "images_per_s": info.world_size * args.micro_batch / med, "compute_s": compute,
             "split_s": split, "moe_share": split["moe_total"] / med,
             "gate_share_of_moe": split["gate"] / split["moe_total"] if split["moe_total"] else 0.0,
             "mfu": flops_per_image * args.micro_batch / med / (peak * 1e9),
@@ -294,9 +312,11 @@ def plot(rows: list[dict], path: Path) -> None:
             v = 1e3 * r["split_s"][part]
             ax2.bar(j, v, bottom=bottom, color=color, label=part if j == 0 else None)
             bottom += v
-        opt = 1e3 * r["split_s"].get("optimizer", 0.0)
-        ax2.bar(j, opt, bottom=bottom, color="tab:blue", label="optimizer step" if j == 0 else None)
-        bottom += opt
+        for part, color, label in (("zero_grads", "tab:cyan", "ZeRO-2 gradient copies"),
+                                   ("optimizer", "tab:blue", "optimizer step")):
+            v = 1e3 * r["split_s"].get(part, 0.0)
+            ax2.bar(j, v, bottom=bottom, color=color, label=label if j == 0 else None)
+            bottom += v
         rest = 1e3 * r["step_s"] - bottom
         ax2.bar(j, rest, bottom=bottom, color="lightgrey", label="rest of step" if j == 0 else None)
         bottoms.append(bottom)
@@ -340,13 +360,15 @@ def main() -> None:
         dense = next((r for r in got if r["variant"] == "dense"), None)
         for r in got:
             r.update(bench="throughput", time=stamp,
-                     vs_dense=r["images_per_s"] / dense["images_per_s"] if dense else None)
+                     vs_dense=r["images_per_s"] / dense["images_per_s"] if dense else None,
+                     compute_vs_dense=dense["compute_s"] / r["compute_s"] if dense else None)
             rows.append(r)
             print(f"{n} rank(s) {r['variant']:5s}: {r['images_per_s']:7.1f} images/s ({r['step_s']*1e3:.0f} ms/step)"
                   f"  vs dense {r['vs_dense'] or 0:.2f}x  MFU {100 * r['mfu']:.1f}%"
                   f"  MoE {100 * r['moe_share']:.0f}% of step"
                   f"  gate {100 * r['gate_share_of_moe']:.1f}% of MoE  dropped {100 * r['dropped_share']:.1f}%  "
-                  + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in (*PARTS, "optimizer")), flush=True)
+                  + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in (*PARTS, "optimizer", "zero_grads"))
+                  + f"  fwd+bwd without ZeRO's copies vs dense {r['compute_vs_dense'] or 0:.2f}x", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     writer = JsonlWriter(args.out / "throughput.jsonl")
     for r in rows:
