@@ -17,12 +17,14 @@ def layer_load(indices: torch.Tensor, exp_counts: torch.Tensor, images: int, tok
     Returns float64 (E,) tensors on the routes' device (no host copy): tokens requested, tokens kept,
     images routed (an image counts for an expert when at least one of its tokens was kept there).
     """
-    kept = indices[indices >= 0].long()
-    tokens_kept = torch.bincount(kept, minlength=num_experts).double()
+    # Column 0 collects the dropped routes (-1); scatter_add instead of bincount/boolean indexing: no host sync.
+    flat = indices.reshape(-1).long() + 1
+    tokens_kept = torch.zeros(num_experts + 1, dtype=torch.float64, device=indices.device)
+    tokens_kept = tokens_kept.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))[1:]
     # (k, B, T) -> per image, which experts received any of its tokens
     per_image = indices.reshape(indices.shape[0], images, tokens_per_image).permute(1, 0, 2).reshape(images, -1)
     hit = torch.zeros(images, num_experts + 1, dtype=torch.bool, device=indices.device)
-    hit.scatter_(1, (per_image.long() + 1).clamp_min(0), True)  # column 0 collects the dropped routes
+    hit.scatter_(1, per_image.long() + 1, True)  # column 0 collects the dropped routes
     return {
         "tokens_requested": exp_counts.detach().double(),
         "tokens_kept": tokens_kept,

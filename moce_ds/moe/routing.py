@@ -42,6 +42,8 @@ class LayerRoutes:
     filled_images: list[list[int]]  # [source ep rank][local expert] images this rank's experts receive
     tokens_per_image: int
     num_experts: int
+    requested_images: torch.Tensor  # (E,) int64 images asking for each expert (all choices), before capacity
+    kept_images: torch.Tensor  # (E,) int64 images each expert keeps
 
     @property
     def images(self) -> int:
@@ -64,17 +66,15 @@ class LayerRoutes:
 
     def requested_tokens(self) -> torch.Tensor:
         """(E,) tokens requested per expert before capacity, DeepSpeed's `exp_counts`."""
-        counts = torch.bincount(self.experts.reshape(-1), minlength=self.num_experts)
-        return counts * self.tokens_per_image
+        return self.requested_images * self.tokens_per_image
 
     def load(self) -> dict[str, torch.Tensor]:
-        """(E,) float64 per-expert load of this step, on the routes' device (no host copy)."""
-        e = self.num_experts
-        kept_images = torch.bincount(self.experts[self.kept], minlength=e).double()
+        """(E,) float64 per-expert load of this step, on the routes' device (no host copy, no sync)."""
+        kept = self.kept_images.double()
         return {
             "tokens_requested": self.requested_tokens().double(),
-            "tokens_kept": kept_images * self.tokens_per_image,
-            "images": kept_images,
+            "tokens_kept": kept * self.tokens_per_image,
+            "images": kept,
         }
 
 
@@ -158,6 +158,7 @@ def plan_image_routes(
 
     # The one collective of the step: every rank's kept images per (layer, expert).
     kept_counts = hot_kept.sum(1)  # (L, E)
+    requested_counts = hot.sum(1)  # (L, E); counted here, not by bincount, which syncs with the host on CUDA
     ep = _group_size(ep_group)
     if ep > 1:
         gathered = [torch.empty_like(kept_counts) for _ in range(ep)]
@@ -175,6 +176,6 @@ def plan_image_routes(
         layers.append(LayerRoutes(
             experts=choice[n], kept=kept[n], slots=slots[n] * kept[n], gates=gates[n], l_aux=l_aux[n],
             capacity_images=max(capacity, 1), filled_images=filled, tokens_per_image=tokens_per_image,
-            num_experts=e,
+            num_experts=e, requested_images=requested_counts[n], kept_images=kept_counts[n],
         ))
     return ImageRoutes(layers)

@@ -16,7 +16,9 @@ def test_ep2_layer_equals_ep1_layer_and_a_step_plans_all_layers_with_one_collect
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["drop"]["kept_tokens"] < 60 == result["dropless"]["kept_tokens"]  # 12 images x 5 tokens
-        for mode in ("drop", "dropless"):
+        assert result["drop"]["dropped_routes"] > 0 and result["top2_drop"]["dropped_routes"] > 0  # capacity bites
+        assert result["dropless"]["dropped_routes"] == 0
+        for mode in ("drop", "dropless", "top2_drop"):
             r = result[mode]
             assert r["out_norm"] > 1.0
             assert r["out"] <= 1e-5 and r["x_grad"] <= 1e-5 and r["gate_grad"] <= 1e-5, (rank, mode, r)

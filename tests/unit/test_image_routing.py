@@ -121,3 +121,13 @@ def test_dropped_share_counts_whole_images():
     for stats in load.values():
         assert stats["images"] == [0, 2, 0, 0]  # capacity ceil(8 / 4) = 2 whole images
         assert stats["dropped_share"] == pytest.approx(6 / 8)
+
+
+def test_token_route_load_counts_kept_tokens_and_images():
+    from moce_ds.moe import layer_load
+
+    idx = torch.tensor([[0, 0, -1, 2, 2, 2], [1, -1, -1, 3, 0, 0]], dtype=torch.int32)  # k=2, 2 images x 3 tokens
+    out = layer_load(idx, torch.tensor([3, 1, 3, 1]), images=2, tokens_per_image=3, num_experts=4)
+    assert out["tokens_kept"].tolist() == [4, 1, 3, 1]  # the three -1 routes count nowhere
+    assert out["images"].tolist() == [2, 1, 1, 1]  # expert 0 got tokens of both images
+    assert out["tokens_requested"].tolist() == [3, 1, 3, 1]

@@ -1,7 +1,7 @@
 """Each rank: one MoCE layer split over 2 ranks (ep_size=2) against the same layer whole on this rank (ep_size=1).
 
 Writes rank{r}.json with the largest differences in output, input gradient, gate gradient and (summed over
-ranks, as the expert-parallel backward sums them) expert gradients, for a capacity that drops and for dropless.
+ranks, as the expert-parallel backward sums them) expert gradients, for a capacity that drops, for dropless, and for top-2 with drops.
 """
 
 import json
@@ -17,13 +17,13 @@ from moce_ds.model import build_model
 from moce_ds.moe import MoEMlp
 
 OUT = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))  # the launcher appends --local_rank
-ARGS = dict(routing="cluster", num_experts=4, top_k=1, num_clusters=8, capacity_factor=1.0, eval_capacity_factor=1.0,
+ARGS = dict(routing="cluster", num_experts=4, num_clusters=8, capacity_factor=1.0, eval_capacity_factor=1.0,
             min_capacity=1, gate_noise_std=0.0, use_rts=False)
 
 
-def build(ep_size: int, drop: bool) -> MoEMlp:
+def build(ep_size: int, drop: bool, top_k: int = 1) -> MoEMlp:
     torch.manual_seed(0)  # same gate on every rank and in both layouts
-    moe = MoEMlp(16, 32, ep_size=ep_size, drop_tokens=drop, **ARGS)
+    moe = MoEMlp(16, 32, ep_size=ep_size, drop_tokens=drop, **{**ARGS, "top_k": top_k})
     local = moe.deepspeed_moe.experts.deepspeed_experts
     first = dist.get_rank() * len(local) if ep_size > 1 else 0
     with torch.no_grad():
@@ -42,7 +42,8 @@ def run(moe: MoEMlp, x: torch.Tensor, clusters: torch.Tensor):
     (out.square().sum() + moe.l_aux).backward()
     local = moe.deepspeed_moe.experts.deepspeed_experts
     experts = [torch.cat([p.grad.flatten() for p in mlp.parameters()]) for mlp in local]
-    return out.detach(), x.grad, moe.gate.wg.weight.grad.clone(), experts
+    dropped = float(moe.last_load["tokens_requested"].sum() - moe.last_load["tokens_kept"].sum())
+    return out.detach(), x.grad, moe.gate.wg.weight.grad.clone(), experts, dropped
 
 
 def collectives_per_forward(drop: bool) -> dict[str, int]:
@@ -78,20 +79,21 @@ def main() -> None:
     x = torch.randn(12, 5, 16, generator=gen)
     clusters = torch.randint(0, 8, (12,), generator=gen)
     result = {}
-    for drop in (True, False):
-        split = run(build(2, drop), x, clusters)
-        whole = run(build(1, drop), x, clusters)
+    for mode, drop, top_k in (("drop", True, 1), ("dropless", False, 1), ("top2_drop", True, 2)):
+        split = run(build(2, drop, top_k), x, clusters)
+        whole = run(build(1, drop, top_k), x, clusters)
         summed = [g.clone() for g in whole[3]]
         for g in summed:
             dist.all_reduce(g)  # every rank's tokens reach every expert's gradient
         mine = summed[2 * rank: 2 * rank + 2]
-        result["drop" if drop else "dropless"] = {
+        result[mode] = {
             "out": (split[0] - whole[0]).abs().max().item(),
             "x_grad": (split[1] - whole[1]).abs().max().item(),
             "gate_grad": (split[2] - whole[2]).abs().max().item(),
             "expert_grad": max((a - b).abs().max().item() for a, b in zip(split[3], mine)),
             "out_norm": whole[0].norm().item(),
             "kept_tokens": int((split[0].abs().sum(-1) > 0).sum()),
+            "dropped_routes": split[4],
         }
     result["collectives"] = {"drop": collectives_per_forward(True), "dropless": collectives_per_forward(False)}
     (OUT / f"rank{rank}.json").write_text(json.dumps(result))
