@@ -120,11 +120,19 @@ def scaling_section(rows: list[dict]) -> list[str]:
     return out
 
 
+def optimizer_step_section(rows: list[dict]) -> list[str]:
+    return [f"AdamW step on one flat fp32 tensor, run of {rows[0]['time']} ({rows[0]['threads']} thread):", "",
+            *_table(["parameters", "default ms", "foreach ms", "fused ms", "fused vs default"],
+                    [[f"{r['params'] / 1e6:.0f} M", f"{1e3 * r['default_s']:.0f}", f"{1e3 * r['foreach_s']:.0f}",
+                      f"{1e3 * r['fused_s']:.0f}", f"{r['fused_speedup']:.1f}x faster"] for r in rows])]
+
+
 SECTIONS: list[tuple[str, str, str, Callable[[list[dict]], list[str]]]] = [
     ("moe_layer", "moe_layer", "python benchmarks/moe_layer.py", moe_layer_section),
     ("throughput", "throughput", "python benchmarks/throughput.py", throughput_section),
     ("load_balance", "load_balance", "python benchmarks/load_balance.py", load_balance_section),
     ("scaling", "scaling", "python benchmarks/scaling.py", scaling_section),
+    ("optimizer_step", "optimizer_step", "python benchmarks/optimizer_step.py", optimizer_step_section),
 ]
 
 

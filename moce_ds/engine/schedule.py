@@ -40,8 +40,8 @@ def build_optimizer(model: nn.Module, lr: float, min_lr: float, weight_decay: fl
                     warmup_steps: int, total_steps: int):
     # Fused AdamW (CPU and CUDA): one pass over each flat ZeRO partition instead of ~8 elementwise kernels.
     # A MoE model carries E x the MLP parameters of its dense twin, so the step's optimizer cost is where MoE
-    # loses to dense at equal active parameters: 38 M fp32 parameters took 415 ms per step unfused on one
-    # CPU thread and 44 ms fused (benchmarks/README.md, throughput).
+    # loses to dense at equal active parameters: 38 M fp32 parameters took 337 ms per step unfused on one
+    # CPU thread and 36 ms fused (benchmarks/optimizer_step.py).
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup_steps, total_steps, lr, min_lr))
