@@ -161,7 +161,7 @@ def worker(args: argparse.Namespace) -> None:
     dev = torch.device(deepspeed.get_accelerator().current_device_name())
     ep = info.world_size if args.experts % info.world_size == 0 else 1
     spec = _spec(args.width, args.depth)
-    ds = load_ds_config(ROOT / "ds_configs" / "zero2.json")
+    ds = load_ds_config(args.ds_config)
     ds["train_micro_batch_size_per_gpu"] = args.micro_batch
     ds["gradient_accumulation_steps"] = 1
     clock = SplitClock()
@@ -346,6 +346,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero2.json",
+                    help="DeepSpeed JSON (its micro-batch is replaced by --micro-batch)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -355,7 +357,8 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
     for n in args.ranks:
-        extra = ["--warmup", str(args.warmup), "--depth", str(args.depth), "--clusters", str(args.clusters)]
+        extra = ["--warmup", str(args.warmup), "--depth", str(args.depth), "--clusters", str(args.clusters),
+                 "--ds-config", str(args.ds_config)]
         got = run_ranks(n, args.variants, args.steps, args.width, args.micro_batch, args.experts, args.threads, extra)
         dense = next((r for r in got if r["variant"] == "dense"), None)
         for r in got:
