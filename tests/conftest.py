@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +51,18 @@ def _reset_moce_logger():
         logger.removeHandler(h)
         h.close()
     logger.propagate = True
+
+
+def deepspeed_shm_segments() -> set[str]:
+    """This user's /dev/shm segments of DeepSpeed's CPU all-reduce (see moce_ds.engine.distributed)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_leaked_shm_segments():
+    """Ranks the tests kill on purpose (SIGKILL) cannot remove their segment at exit; remove them after the session."""
+    before = deepspeed_shm_segments()
+    yield
+    for name in deepspeed_shm_segments() - before:
+        Path("/dev/shm", name).unlink(missing_ok=True)

@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from moce_ds.config import load_config
+from moce_ds.engine.distributed import init_distributed
 from moce_ds.model import build_model
 from moce_ds.moe import MoEMlp
 
@@ -73,8 +73,7 @@ def collectives_per_forward(drop: bool) -> dict[str, int]:
 
 
 def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
+    rank = init_distributed().rank
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(12, 5, 16, generator=gen)
     clusters = torch.randint(0, 8, (12,), generator=gen)
