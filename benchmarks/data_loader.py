@@ -30,6 +30,7 @@ from moce_ds.config import load_config  # noqa: E402
 from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir  # noqa: E402
 from moce_ds.data.keys import key_index, make_key  # noqa: E402
 from moce_ds.data.loader import make_train_loader  # noqa: E402
+from moce_ds.metrics import append_jsonl  # noqa: E402
 from moce_ds.model import build_model, get_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,12 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio_to_training"] = r["images_per_s"] / train["images_per_s"]
         records.append(dict(run, kind="loader", workers=w, **r))
     records.append(dict(run, kind="sidecar", **sidecar_cost(args.keys, args.lookups)))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "data_loader.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                              if k not in ("time", "host")}))
+    append_jsonl(RESULTS / "data_loader.jsonl", records)
+    for r in records:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                          if k not in ("time", "host")}))
     _plot(records, RESULTS / "data_loader.png")
     return 0
 

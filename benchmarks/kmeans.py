@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from moce_ds.clustering.kmeans import assign, kmeans  # noqa: E402
 from moce_ds.clustering.packing import expert_images, lpt_pack  # noqa: E402
+from moce_ds.metrics import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MPI_N, MPI_D, MPI_K, MPI_ITERS = 200_000, 64, 256, 10
@@ -200,9 +201,7 @@ def main() -> None:
     print("expert balance at step 0:")
     rows += balance()
     meta["load_avg_end"] = os.getloadavg()[0]
-    with open(RESULTS / "kmeans.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}) + "\n")
+    append_jsonl(RESULTS / "kmeans.jsonl", ({**meta, **r} for r in rows))
     plot(rows, RESULTS / "kmeans.png")
     print(f"wrote {RESULTS / 'kmeans.jsonl'} and kmeans.png")
 

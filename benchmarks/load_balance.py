@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from moce_ds.engine.distributed import free_port  # noqa: E402
-from moce_ds.metrics import read_jsonl  # noqa: E402
+from moce_ds.metrics import append_jsonl, read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["target_ratio"] = TARGET
                 summary["within_target"] = summary["ratio"] <= TARGET
             records.append(dict(common, kind="summary", command=info["command"], **summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, records)
     _table(records)
     if curves:
         _plot(curves, layer_recs, run, args.out.with_suffix(".png"))

@@ -162,13 +162,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    from moce_ds.metrics import JsonlWriter
+    from moce_ds.metrics import append_jsonl
 
     rows = measure(args.tokens, args.rounds, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    writer = JsonlWriter(args.out / "moe_layer.jsonl")
-    for r in rows:
-        writer.write(r)
+    append_jsonl(args.out / "moe_layer.jsonl", rows)
     plot(rows, args.out / "moe_layer.png")
     print(f"wrote {args.out / 'moe_layer.jsonl'} and moe_layer.png")
 

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from moce_ds.metrics import JsonlWriter
+    from moce_ds.metrics import append_jsonl
 
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
@@ -54,10 +54,7 @@ def main() -> None:
         rows.append(row)
         print(f"{n / 1e6:.0f} M params: " + "  ".join(f"{m} {1e3 * v:.0f} ms" for m, v in t.items())
               + f"  fused {row['fused_speedup']:.1f}x faster than default", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    writer = JsonlWriter(args.out / "optimizer_step.jsonl")
-    for r in rows:
-        writer.write(r)
+    append_jsonl(args.out / "optimizer_step.jsonl", rows)
 
     import matplotlib
 

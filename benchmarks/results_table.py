@@ -9,9 +9,10 @@ kept. A benchmark without results yet is listed with the command that produces t
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
+
+from moce_ds.metrics import read_jsonl
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -21,8 +22,7 @@ def latest_run(path: Path, bench: str | None = None) -> list[dict]:
     """The rows of the newest run (largest "time" stamp) in a JSON-lines file; [] when there is none."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if bench is None or r.get("bench", bench) == bench]
+    rows = [r for r in read_jsonl(path) if bench is None or r.get("bench", bench) == bench]
     if not rows:
         return []
     newest = max(r.get("time", "") for r in rows)

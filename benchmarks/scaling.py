@@ -439,7 +439,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H200 bf16 dense")
     p.add_argument("--mfu", type=float, default=0.40)
     args = ap.parse_args()
-    from moce_ds.metrics import JsonlWriter
+    from moce_ds.metrics import append_jsonl
 
     t0 = time.perf_counter()
     stamp = time.strftime("%Y-%m-%d %H:%M")
@@ -452,10 +452,8 @@ def main() -> None:
     annotate(measured, args.clusters)
     model = modelled(args, measured, stamp)
     print_tables(measured, model)
-    writer = JsonlWriter(args.out / "scaling.jsonl")
-    for r in ([] if args.skip_measure else measured) + model:  # reused rows are already on disk where they came from
-        writer.write(r)
-    writer.close()
+    # reused rows are already on disk where they came from
+    append_jsonl(args.out / "scaling.jsonl", ([] if args.skip_measure else measured) + model)
     plot(measured, model, args.out / "scaling.png")
     print(f"\nwrote {args.out / 'scaling.jsonl'} and scaling.png in {time.perf_counter() - t0:.0f} s")
 

@@ -352,7 +352,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from moce_ds.metrics import JsonlWriter
+    from moce_ds.metrics import append_jsonl
 
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
@@ -372,10 +372,7 @@ def main() -> None:
                   f"  gate {100 * r['gate_share_of_moe']:.1f}% of MoE  dropped {100 * r['dropped_share']:.1f}%  "
                   + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in (*PARTS, "optimizer", "zero_grads"))
                   + f"  fwd+bwd without ZeRO's copies vs dense {r['compute_vs_dense'] or 0:.2f}x", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    writer = JsonlWriter(args.out / "throughput.jsonl")
-    for r in rows:
-        writer.write(r)
+    append_jsonl(args.out / "throughput.jsonl", rows)
     plot(rows, args.out / "throughput.png")
     print(f"wrote {args.out / 'throughput.jsonl'} and throughput.png")
 

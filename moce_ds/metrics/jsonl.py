@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JsonlWriter", "read_jsonl"]
+__all__ = ["JsonlWriter", "read_jsonl", "append_jsonl"]
 
 
 def _clean(value: Any) -> Any:
@@ -36,3 +37,14 @@ class JsonlWriter:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Append records to a JSON-lines file (creating its folder), one object per line; returns the path."""
+    writer = JsonlWriter(Path(path))
+    try:
+        for record in records:
+            writer.write(record)
+    finally:
+        writer.close()
+    return writer.path

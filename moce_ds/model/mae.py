@@ -197,9 +197,10 @@ class MaskedAutoencoderViT(nn.Module):
             ids_restore = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        routes = None if cluster is None else self.route_images(cluster, x.shape[1])
+        # block index -> its MoE layer's routes for this step (cluster routing only)
+        routes = {} if cluster is None else dict(zip(self.moe_blocks, self.route_images(cluster, x.shape[1]).layers))
         for i, blk in enumerate(self.blocks):
-            x = blk(x, routes.layer(self.moe_blocks.index(i)) if routes and i in self.moe_blocks else None)
+            x = blk(x, routes.get(i))
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 The token gate is DeepSpeed's own; the cluster gate scores images and leaves routing to
 `moce_ds.moe.routing`, which plans every layer of a step at once. Both return DeepSpeed 0.19's "sparse routes" 7-tuple
-`(l_aux, capacity, num_experts, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts [E])`
-and remember the last routes (`last_indices`) for load statistics.
+`(l_aux, capacity, num_experts, indices [k,S] (-1 dropped), locations [k,S], gates [k,S], exp_counts [E])`;
+the token gate remembers its last routes (`last_indices`) for load statistics, the cluster gate's are in its
+`LayerRoutes`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class ClusterGate(nn.Module):
         self.drop_tokens = drop_tokens
         self.noise_std = noise_std
         self.ep_group: torch.distributed.ProcessGroup | None = None
-        self.last_indices: torch.Tensor | None = None
 
     def _set_ep_group(self, ep_group: torch.distributed.ProcessGroup) -> None:
         self.ep_group = ep_group
@@ -74,12 +74,11 @@ class ClusterGate(nn.Module):
             logits = logits + self.noise_std * torch.randn_like(logits)
         return logits
 
-    def plan(self, logits: torch.Tensor, tokens_per_image: int,
-             ep_group: torch.distributed.ProcessGroup | None = None) -> ImageRoutes:
+    def plan(self, logits: torch.Tensor, tokens_per_image: int) -> ImageRoutes:
         """logits (L, B, E) of L layers that share this gate's settings -> their image routes for the step."""
         return plan_image_routes(
             logits, self.k, self.capacity_factor if self.training else self.eval_capacity_factor, self.min_capacity,
-            tokens_per_image, self.drop_tokens, self.ep_group if ep_group is None else ep_group,
+            tokens_per_image, self.drop_tokens, self.ep_group,
         )
 
     def forward(
@@ -94,9 +93,7 @@ class ClusterGate(nn.Module):
         if routes.images * routes.tokens_per_image != tokens.shape[0]:
             raise ValueError(f"routes for {routes.images} images x {routes.tokens_per_image} tokens do not cover "
                              f"{tokens.shape[0]} tokens.")
-        out = routes.sparse_routes()
-        self.last_indices = out[3].detach()
-        return out
+        return routes.sparse_routes()
 
 
 class RecordingTokenGate(TopKGate):

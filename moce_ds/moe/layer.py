@@ -126,7 +126,7 @@ class MoEMlp(MoE):
             self.deepspeed_moe.experts.filled = [[n * routes.tokens_per_image for n in row]
                                                  for row in routes.filled_images]
             out, l_aux, exp_counts = super().forward(x, routes)
-            self.last_load = {k: v.detach() for k, v in routes.load().items()}
+            self.last_load = routes.load()  # counts: no graph to detach from
         else:
             out, l_aux, exp_counts = super().forward(x, None)
             self.last_load = layer_load(self.gate.last_indices, exp_counts, x.shape[0], x.shape[1],

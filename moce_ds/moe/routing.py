@@ -149,7 +149,8 @@ def plan_image_routes(
     else:
         kept = torch.ones_like(choice, dtype=torch.bool)
     hot_kept = hot * kept.reshape(num_layers, -1, 1)
-    slots = ((hot_kept.cumsum(1) - 1) * hot_kept).sum(-1).reshape(num_layers, k, batch)  # batch order among kept
+    # batch order among kept; 0 where dropped (the row of hot_kept is all zero)
+    slots = ((hot_kept.cumsum(1) - 1) * hot_kept).sum(-1).reshape(num_layers, k, batch)
 
     gates = score * kept
     if k > 1:  # renormalise over the kept choices, as DeepSpeed's top2/topk gating does
@@ -174,7 +175,7 @@ def plan_image_routes(
         capacity = cap if drop else max(max(c[n]) for c in counts_host)
         filled = [[counts_host[r][n][my_rank * local + j] for j in range(local)] for r in range(ep)]
         layers.append(LayerRoutes(
-            experts=choice[n], kept=kept[n], slots=slots[n] * kept[n], gates=gates[n], l_aux=l_aux[n],
+            experts=choice[n], kept=kept[n], slots=slots[n], gates=gates[n], l_aux=l_aux[n],
             capacity_images=max(capacity, 1), filled_images=filled, tokens_per_image=tokens_per_image,
             num_experts=e, requested_images=requested_counts[n], kept_images=kept_counts[n],
         ))
