@@ -3,7 +3,7 @@
 Feature sources (the ``feature_source`` string in a round's manifest names the one used):
 
 - ``pixel``: :mod:`moce_ds.clustering.pixel_features` (``pixel_features_v1``), when nothing is trained yet;
-- a run folder / checkpoint of ours: :func:`moce_ds.customize.pretrained.load_pretrained` rebuilds the MoCE encoder
+- a run folder / checkpoint of ours: :func:`moce_ds.checkpoints.run_reader.load_pretrained` rebuilds the MoCE encoder
   (any ep_size it was trained with, all experts local); feature = mean of the encoder's patch tokens of the
   *unmasked* image, L2-normalised; MoE blocks route each image by its id in the checkpoint's round;
 - ``timm:<model name>`` plus a weights file: mean of the patch tokens of ``forward_features``, L2-normalised.
@@ -65,7 +65,7 @@ def encoder_features(model: torch.nn.Module, images: torch.Tensor, cluster: torc
 
 
 def _checkpoint_extractor(path: str) -> FeatureExtractor:
-    from moce_ds.customize.pretrained import load_pretrained
+    from moce_ds.checkpoints.run_reader import load_pretrained
 
     pre = load_pretrained(Path(path))
     model = pre.model

@@ -1,8 +1,8 @@
 """Task customisation: cluster histogram -> expert selection -> dense timm ViT export."""
 
+from moce_ds.checkpoints.run_reader import Pretrained, load_pretrained
 from moce_ds.customize.export import dense_state_dict, save_dense, timm_kwargs, timm_vit
 from moce_ds.customize.pipeline import CustomizeResult, customize
-from moce_ds.customize.pretrained import Pretrained, load_pretrained
 from moce_ds.customize.selection import Selection, cluster_histogram, gate_probabilities, select_experts
 from moce_ds.customize.task_data import TaskData, load_task_data
 

@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from moce_ds.checkpoints.run_reader import load_pretrained
 from moce_ds.clustering.round_features import features_for_source
 from moce_ds.customize.export import dense_state_dict, save_dense, timm_kwargs, timm_vit
-from moce_ds.customize.pretrained import load_pretrained
 from moce_ds.customize.report import write_report
 from moce_ds.customize.selection import Selection, cluster_histogram, select_experts
 from moce_ds.customize.task_data import load_task_data

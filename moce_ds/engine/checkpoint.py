@@ -16,14 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from moce_ds.checkpoints.records import LATEST, META, complete_tags, latest_tag, read_meta, verify_tag
 from moce_ds.config.schema import Config
 
 __all__ = ["model_signature", "checkpoint_dir", "latest_tag", "complete_tags", "verify_tag", "read_meta",
            "check_resume_compatible", "save_checkpoint", "prune_checkpoints"]
 
 log = logging.getLogger("moce_ds")
-META = "moce_meta.json"
-LATEST = "latest"
 
 
 def model_signature(cfg: Config) -> dict[str, Any]:
@@ -40,52 +39,6 @@ def model_signature(cfg: Config) -> dict[str, Any]:
 
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
-
-
-def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    return json.loads((ckpt_dir / tag / META).read_text())
-
-
-def verify_tag(ckpt_dir: Path, tag: str) -> str | None:
-    """None when the tag is complete and intact; otherwise why not."""
-    folder = ckpt_dir / tag
-    if not (folder / META).is_file():
-        return "no completion record (the save never finished)"
-    try:
-        files = read_meta(ckpt_dir, tag)["files"]
-    except (json.JSONDecodeError, KeyError):
-        return f"unreadable {META}"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    return None
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with a completion record, oldest first (by step)."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / META).is_file()]
-    steps = {}
-    for t in tags:
-        try:
-            steps[t] = read_meta(ckpt_dir, t)["position"]["step"]
-        except (json.JSONDecodeError, KeyError):
-            steps[t] = -1
-    return sorted(tags, key=lambda t: steps[t])
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest intact checkpoint; a broken newer one is skipped with a warning (never loaded)."""
-    for tag in reversed(complete_tags(ckpt_dir)):
-        problem = verify_tag(ckpt_dir, tag)
-        if problem is None:
-            return tag
-        log.warning("checkpoint %s is refused: %s; falling back to an older one", ckpt_dir / tag, problem)
-    return None
 
 
 def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str) -> None:

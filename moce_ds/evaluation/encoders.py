@@ -39,7 +39,7 @@ def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
         vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         return Encoder(path.stem, kwargs["img_size"], vit.forward_features, vit.eval())
     if path.is_dir():
-        from moce_ds.customize.pretrained import load_pretrained
+        from moce_ds.checkpoints.run_reader import load_pretrained
 
         pre = load_pretrained(path)
         if pre.cfg.moe.routing == "cluster":

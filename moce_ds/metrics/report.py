@@ -2,7 +2,7 @@
 
 Everything comes from files in the run folder: the curves and the expert load from ``metrics.jsonl``; the
 routing heat maps and the reconstructions from the newest checkpoint, rebuilt in this process with all experts
-local (:func:`moce_ds.customize.pretrained.load_pretrained`), so the report needs no ranks and no GPU.
+local (:func:`moce_ds.checkpoints.run_reader.load_pretrained`), so the report needs no ranks and no GPU.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 
     pre = None
     try:
-        from moce_ds.customize.pretrained import load_pretrained
+        from moce_ds.checkpoints.run_reader import load_pretrained
 
         pre = load_pretrained(run_dir)
     except ValueError as e:  # no complete checkpoint yet: the curves still make a useful report

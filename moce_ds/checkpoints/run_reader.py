@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from moce_ds.checkpoints.records import latest_tag
 from moce_ds.config import Config, load_config
 from moce_ds.data.sidecar import ClusterRound, latest_round, load_round
-from moce_ds.engine.checkpoint import latest_tag
 from moce_ds.model import MaskedAutoencoderViT, build_model
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
