@@ -150,6 +150,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("moe.capacity_factor and moe.eval_capacity_factor must be > 0.")
     if m.aux_loss_weight < 0 or m.gate_noise_std < 0:
         raise ConfigError("moe.aux_loss_weight and moe.gate_noise_std must be >= 0.")
+    if m.upcycle_noise < 0:
+        raise ConfigError(f"moe.upcycle_noise={m.upcycle_noise} must be >= 0 (0: experts start as exact copies).")
+    if m.upcycle_noise and not cfg.model.init_from:
+        raise ConfigError("moe.upcycle_noise > 0 perturbs experts copied from a dense MAE: set model.init_from=<dense "
+                          "MAE> too, or moe.upcycle_noise=0.")
     if not 0.0 <= cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio={cfg.model.mask_ratio} must be in [0, 1).")
     t = cfg.train

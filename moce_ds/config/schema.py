@@ -21,6 +21,9 @@ class ModelConfig:
     size: str = "mini"  # a name from moce_ds.model.registry.MODEL_SIZES
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
+    # A dense MAE to start from (sparse upcycling): one of our dense runs (run, checkpoints or tag folder), the
+    # official MAE .pth or a timm ViT .pth/.safetensors; every expert starts as its block's dense MLP. Empty: random.
+    init_from: str = ""
 
 
 @dataclass
@@ -38,6 +41,9 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     gate_noise_std: float = 1.0  # std of the Gaussian noise added to an image's gate logits in training; 0: off
     use_rts: bool = False  # token routing only: DeepSpeed's random token selection
+    # model.init_from only: Gaussian noise on each expert copy's weights, std = this x the dense weight's std
+    # (seeded per layer and global expert id); 0: exact copies (the upcycled model starts equal to the dense one)
+    upcycle_noise: float = 0.0
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from moce_ds.checkpoints.dense_weights import read_dense_mae
 from moce_ds.clustering.packing import init_cluster_tables
 from moce_ds.clustering.refresh import refresh_due, refresh_round
 from moce_ds.config import Config, save_config
@@ -39,7 +40,7 @@ from moce_ds.engine.training_data import TrainingData, epoch_round, prepare_trai
 from moce_ds.engine.watchdog import PeerWatchdog
 from moce_ds.metrics import ExpertLoadMeter, JsonlWriter, setup_logging
 from moce_ds.metrics.prometheus import MetricsExporter
-from moce_ds.model import build_model, get_spec
+from moce_ds.model import build_model, get_spec, upcycle_from_dense
 
 __all__ = ["PretrainResult", "pretrain", "step_seed", "NonFiniteLossError"]
 
@@ -103,6 +104,8 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     check_ds_config(ds, uses_moe)
     ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if uses_moe else 1
     resume_tag, resume_meta = _check_output_dir(cfg, resume)
+    # read and checked here, so a bad model.init_from leaves nothing written; on resume the checkpoint wins
+    dense = None if resume or not cfg.model.init_from else read_dense_mae(cfg.model.init_from, get_spec(cfg.model.size))
     data = prepare_training_data(cfg, info)  # may build the embedded set; writes nothing into the run folder
     barrier()  # rank 0 must not write the run folder before every rank has checked it
 
@@ -123,7 +126,15 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
                          f"lower train_micro_batch_size_per_gpu in the DeepSpeed config.")
     total_steps = cfg.train.epochs * epoch_steps
 
-    model = build_model(cfg, ep_size, ep_rank=info.rank % ep_size)
+    ep_rank = info.rank % ep_size
+    model = build_model(cfg, ep_size, ep_rank=ep_rank)
+    if dense is not None:  # before the cluster tables: upcycling leaves the gates to them
+        how = upcycle_from_dense(model, dense.state, cfg.moe.upcycle_noise, cfg.train.seed, ep_rank)
+        log.info("init_from (%s layout): %s; %s", dense.layout, dense.description, how)
+        del dense  # this rank's copy of the whole dense MAE
+    elif cfg.model.init_from:
+        log.info("model.init_from=%s not applied: resuming from checkpoint '%s' instead", cfg.model.init_from,
+                 resume_tag)
     if data.round is not None and cfg.moe.routing == "cluster":
         how = init_cluster_tables(model, cfg.cluster.init_table, data.round.centroids(),
                                   data.round.manifest.get("cluster_sizes"), cfg.cluster.lpt_margin, cfg.train.seed)

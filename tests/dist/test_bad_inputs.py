@@ -56,11 +56,44 @@ def user_data_k16(tmp_path_factory, embedded_cache) -> Path:
     return root
 
 
+def _init_from_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """model.init_from files that do not fit model.size=mini: a mini MAE (official MAE layout), the same with patch 8,
+    and a timm ResNet (safetensors)."""
+    import dataclasses
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from moce_ds.config import load_config
+    from moce_ds.model import MaskedAutoencoderViT, get_spec
+
+    dense = load_config([], ["moe.routing=dense"]).moe
+    torch.save({"model": MaskedAutoencoderViT(get_spec("mini"), dense).state_dict()}, tmp / "mini_mae.pth")
+    patch8 = dataclasses.replace(get_spec("mini"), patch_size=8)
+    torch.save({"model": MaskedAutoencoderViT(patch8, dense).state_dict()}, tmp / "patch8_mae.pth")
+    save_file(timm.create_model("test_resnet").state_dict(), tmp / "resnet.safetensors")
+    return tmp / "mini_mae.pth", tmp / "patch8_mae.pth", tmp / "resnet.safetensors"
+
+
 def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path) -> list[tuple[list[str], str, Path]]:
     zero3 = write_ds_config(tmp / "zero3.json", zero_optimization={"stage": 3})
     new = tmp / "new_run"
     common = [f"data.cache_dir={cache}", "data.num_workers=0"]
+    mini_mae, patch8_mae, resnet = _init_from_files(tmp)
     return [
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={mini_mae}",
+          "model.size=vit_tiny_patch16_224", *common],
+         f"error: model.init_from={mini_mae} holds a ViT MAE of another size (dim 128, depth 6, patch 4, 64 patches, "
+         f"decoder 64x2) than model.size (dim 192, depth 12, patch 16, 196 patches, decoder 128x4)", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={patch8_mae}", *common],
+         f"error: model.init_from={patch8_mae} holds a ViT MAE of another size (dim 128, depth 6, patch 8", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={run}", *common],
+         f"error: model.init_from={run} is a MoE run (moe.routing=cluster), not dense", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={tmp / 'no_such.pth'}", *common],
+         f"error: model.init_from={tmp / 'no_such.pth'} does not exist", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={resnet}", *common],
+         f"error: model.init_from={resnet} is not a ViT (no patch_embed.proj.weight", new),
         (["--deepspeed_config", str(ds), f"output_dir={new}", "moe.num_expert=4"],
          "config error: unknown config key 'moe.num_expert'. Did you mean 'num_experts'?", new),
         (["--deepspeed_config", str(ds), f"output_dir={new}", "train.epochs=ten"],
