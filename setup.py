@@ -33,6 +33,8 @@ setup(
     extras_require={
         # faiss-gpu replaces faiss-cpu on GPU machines: pip uninstall faiss-cpu first.
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+        # the Hugging Face folder (<out>/hf) customisation writes beside the timm export
+        "hf": ["transformers>=4.40"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "transformers>=4.40"],
     },
 )

@@ -98,7 +98,9 @@ def main() -> None:
                             args.steps) for m, r in METHODS.items()}
         for task, spec in tasks.items():
             accs = {"mae": probe(runs["mae"], task, cache), "tokenmoe": probe(runs["tokenmoe"], task, cache)}
-            custom = customize(runs["moce"], task, args.work / f"moce_s{seed}" / "custom" / task, cache_dir=cache)
+            # only the timm export is probed: no Hugging Face folder
+            custom = customize(runs["moce"], task, args.work / f"moce_s{seed}" / "custom" / task, cache_dir=cache,
+                               hf=False)
             accs["moce"] = probe(custom.checkpoint, task, cache)
             own_data = domain_shards(ds, spec.domains, args.work / "domain_data" / task)
             n_own = json.loads((own_data / "manifest.json").read_text())["total"]

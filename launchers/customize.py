@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier rows in the export (default: 1000 for timm's standard names, else 0)")
     p.add_argument("--cache-dir", type=Path, default=None, help="embedded data set cache (default ~/.cache/moce_ds)")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip the Hugging Face folder <out>/hf (written by default when transformers is installed)")
     args = p.parse_args(argv)
 
     from moce_ds.customize import customize
@@ -30,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None, 0)
     out = args.out or (args.checkpoint / "custom" / Path(args.task).name)
     try:
-        res = customize(args.checkpoint, args.task, out, args.centroids, args.num_classes, args.cache_dir)
+        res = customize(args.checkpoint, args.task, out, args.centroids, args.num_classes, args.cache_dir,
+                        hf=not args.no_hf)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((res.report["markdown"]).read_text())
     print(f"dense ViT: {res.checkpoint}\nload it with: {res.timm_call}\nreport: {res.report['heatmap']}")
+    if res.hf_folder:
+        print(f"Hugging Face: ViTModel.from_pretrained(\"{res.hf_folder}\", add_pooling_layer=False)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Downstream evaluation of a frozen encoder: linear probe and k-NN (and a short fine-tune).
 
-    python launchers/evaluate.py --model runs/moce/custom/digits/vit_mini_digits.pth --task digits
+    python launchers/evaluate.py --model runs/moce/custom/digits/vit_mini_digits.safetensors --task digits
     python launchers/evaluate.py --model vit_base_patch16_224 --checkpoint weights.pth --task /data/my_folder
     python launchers/evaluate.py --model runs/mae_dense --task faces --finetune
 """
@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense export (.pth), timm model name, or a dense/token run folder")
+    p.add_argument("--model", required=True,
+                   help="dense export (.safetensors), timm model name, or a dense/token run folder")
     p.add_argument("--checkpoint", type=Path, default=None, help="weights file, with a timm model name")
     p.add_argument("--task", required=True, help="embedded task (digits, faces, texture_photo, microscopy) or folder")
     p.add_argument("--finetune", action="store_true", help="also run a short full fine-tune")

@@ -1,7 +1,9 @@
 """A MoCE encoder + one chosen expert per MoE layer -> a dense ViT state dict in timm's format.
 
 Key names are timm's VisionTransformer's (patch_embed, cls_token, pos_embed, blocks.i.{norm1,attn,norm2,mlp},
-norm, head), so `timm.create_model(name, checkpoint_path=...)` loads it with no missing or unexpected keys.
+norm, head), so `timm.create_model(name, checkpoint_path=...)` loads it with no missing or unexpected keys. The file
+is `.safetensors` (tensors only, nothing to unpickle); `<stem>.json` beside it holds the VisionTransformer(...)
+arguments.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from moce_ds.model import MAESpec, MaskedAutoencoderViT
 
-__all__ = ["dense_state_dict", "timm_vit", "timm_kwargs", "save_dense"]
+__all__ = ["dense_state_dict", "timm_vit", "timm_kwargs", "save_dense", "dense_sidecar", "load_dense"]
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -54,12 +58,37 @@ def dense_state_dict(model: MaskedAutoencoderViT, chosen: dict[int, int], scales
     return out
 
 
-def save_dense(state: dict[str, torch.Tensor], path: Path, vit_kwargs: dict) -> Path:
-    """Plain state dict (what timm's load_checkpoint reads), written atomically, plus `<path>.json` holding the
-    VisionTransformer(...) arguments, so evaluate.py can rebuild the architecture without being told."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
+def dense_sidecar(path: Path) -> Path:
+    """`<stem>.json` beside a `.safetensors` export; `<name>.pth.json` beside an old `.pth` one."""
+    return path.with_name(path.name + ".json") if path.suffix == ".pth" else path.with_suffix(".json")
+
+
+def _write_atomically(path: Path, write) -> None:
+    # a reader (or a crash) never sees half a file: write beside it, then rename over it
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
     tmp.replace(path)
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps({"vision_transformer": vit_kwargs}, indent=1))
+
+
+def save_dense(state: dict[str, torch.Tensor], path: Path, vit_kwargs: dict) -> Path:
+    """`state` as `.safetensors` (what timm's load_checkpoint and create_model(checkpoint_path=...) read) plus its
+    sidecar holding the VisionTransformer(...) arguments, so evaluate.py rebuilds the architecture untold."""
+    if path.suffix != ".safetensors":
+        raise ValueError(f"dense export {path} must end in .safetensors (timm picks its reader by the suffix).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the sidecar first: once the weights exist, so does their description
+    meta = json.dumps({"vision_transformer": vit_kwargs}, indent=1)
+    _write_atomically(dense_sidecar(path), lambda tmp: tmp.write_text(meta))
+    tensors = {k: v.contiguous() for k, v in state.items()}  # safetensors stores only contiguous, unshared tensors
+    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     return path
+
+
+def load_dense(path: Path) -> VisionTransformer:
+    """A dense export (`.safetensors`, or an old `.pth`) as the VisionTransformer its sidecar describes, strictly."""
+    meta = dense_sidecar(path)
+    if not meta.is_file():
+        raise ValueError(f"{path} has no {meta.name} beside it: re-export it with launchers/customize.py.")
+    vit = VisionTransformer(**json.loads(meta.read_text())["vision_transformer"])
+    load_checkpoint(vit, str(path), strict=True)  # .pth goes through torch.load(weights_only=True)
+    return vit

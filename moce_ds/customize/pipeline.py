@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from moce_ds.checkpoints.run_reader import load_pretrained
 from moce_ds.clustering.round_features import features_for_source
 from moce_ds.customize.export import dense_state_dict, save_dense, timm_kwargs, timm_vit
+from moce_ds.customize.hf_export import hf_unavailable, save_hf_folder
 from moce_ds.customize.report import write_report
 from moce_ds.customize.selection import Selection, cluster_histogram, select_experts
 from moce_ds.customize.task_data import load_task_data
@@ -20,14 +22,17 @@ log = logging.getLogger("moce_ds")
 
 @dataclass
 class CustomizeResult:
-    checkpoint: Path  # the dense timm checkpoint
+    checkpoint: Path  # the dense timm checkpoint (.safetensors)
     selection: Selection
     report: dict[str, Path]
     timm_call: str
+    hf_folder: Path | None = None  # the same weights for transformers.ViTModel; None when skipped
 
 
 def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None = None,
-              num_classes: int | None = None, cache_dir: Path | None = None) -> CustomizeResult:
+              num_classes: int | None = None, cache_dir: Path | None = None, hf: bool = True) -> CustomizeResult:
+    """``hf``: also write ``<out_dir>/hf/`` for transformers.ViTModel (skipped, with the reason in the report,
+    without transformers)."""
     pre = load_pretrained(checkpoint, centroids=centroids)
     if pre.round is None:
         raise ValueError(f"no clustering round found for {checkpoint}: pass --centroids <round folder>.")
@@ -42,17 +47,27 @@ def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None
     log.info("task %s: %d images; chosen experts %s", data.name, len(feats), sel.chosen)
 
     n_cls = (1000 if spec.timm_name else 0) if num_classes is None else num_classes
+    vit_kwargs = timm_kwargs(spec, n_cls)
     state = dense_state_dict(pre.model, sel.chosen, sel.scales, n_cls)
     timm_vit(spec, n_cls).load_state_dict(state, strict=True)  # refuse to write anything timm would not load
     name = spec.timm_name or f"vit_{pre.cfg.model.size}"
-    path = save_dense(state, out_dir / f"{name}_{data.name}.pth", timm_kwargs(spec, n_cls))
+    path = save_dense(state, out_dir / f"{name}_{data.name}.safetensors", vit_kwargs)
     if spec.timm_name:
         call = f'timm.create_model("{spec.timm_name}", checkpoint_path="{path}")'
     else:
-        args = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(spec, n_cls).items())
-        call = f'm = VisionTransformer({args}); m.load_state_dict(torch.load("{path}", weights_only=True))'
+        args = ", ".join(f"{k}={v!r}" for k, v in vit_kwargs.items())
+        call = f'm = VisionTransformer({args}); timm.models.load_checkpoint(m, "{path}", strict=True)'
+    why_not = hf_unavailable() if hf else "not asked for (--no-hf)"
+    if why_not is None:
+        hf_folder = save_hf_folder(state, vit_kwargs, out_dir / "hf")
+        hf_call = f'ViTModel.from_pretrained("{hf_folder}", add_pooling_layer=False)'
+    else:
+        hf_folder, hf_call = None, f"skipped: {why_not}"
+        shutil.rmtree(out_dir / "hf", ignore_errors=True)  # an older export's folder would hold other weights
+        log.info("no Hugging Face folder: %s", why_not)
     extra = {"checkpoint": str(pre.ckpt_dir / pre.tag), "cluster_round": str(pre.round.path),
-             "dense_checkpoint": str(path), "load_in_timm": call, "num_images": int(len(feats))}
-    report = write_report(out_dir, data.name, sel, extra)
-    return CustomizeResult(path, sel, report, call)
+             "dense_checkpoint": str(path), "load_in_timm": call, "load_in_transformers": hf_call,
+             "num_images": int(len(feats))}
+    report = write_report(out_dir, data.name, sel, extra, data.skipped)
+    return CustomizeResult(path, sel, report, call, hf_folder)
 

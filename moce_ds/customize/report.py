@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +16,16 @@ from moce_ds.customize.selection import Selection  # noqa: E402
 
 __all__ = ["write_report"]
 
+_NAMED_IN_MARKDOWN = 20  # selection.json lists every skipped image; the table names the first few
 
-def _markdown(task: str, sel: Selection, extra: dict) -> str:
+
+def _skipped_line(skipped: Sequence[str]) -> str:
+    names = ", ".join(f"`{s}`" for s in skipped[:_NAMED_IN_MARKDOWN])
+    more = f" and {len(skipped) - _NAMED_IN_MARKDOWN} more" if len(skipped) > _NAMED_IN_MARKDOWN else ""
+    return f"- skipped images (do not decode): {len(skipped)}" + (f": {names}{more}" if skipped else "")
+
+
+def _markdown(task: str, sel: Selection, extra: dict, skipped: Sequence[str]) -> str:
     experts = len(next(iter(sel.scores.values())))
     top = np.argsort(-sel.histogram)[:5]
     lines = [
@@ -31,7 +40,7 @@ def _markdown(task: str, sel: Selection, extra: dict) -> str:
         cells = " | ".join(f"**{s:.3f}**" if e == sel.chosen[b] else f"{s:.3f}" for e, s in enumerate(sel.scores[b]))
         lines.append(f"| {b} | {cells} | e{sel.chosen[b]} | {sel.scales[b]:.3f} |")
     lines += ["", "Score s_e = sum_c q(c) p(e|c); the gate value is folded into the exported MLP.", ""]
-    lines += [f"- {k}: `{v}`" for k, v in extra.items()] + [""]
+    lines += [f"- {k}: `{v}`" for k, v in extra.items()] + [_skipped_line(skipped), ""]
     return "\n".join(lines)
 
 
@@ -54,11 +63,15 @@ def _heatmap(task: str, sel: Selection, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: Path, task: str, sel: Selection, extra: dict) -> dict[str, Path]:
+def write_report(out_dir: Path, task: str, sel: Selection, extra: dict,
+                 skipped: Sequence[str] = ()) -> dict[str, Path]:
+    """`skipped`: task images left out because they do not decode (all in the JSON, the first few in the table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "selection.json", "markdown": out_dir / "selection.md",
              "heatmap": out_dir / "expert_scores.png"}
-    paths["json"].write_text(json.dumps({"task": task, **sel.to_json(), **extra}, indent=1))
-    paths["markdown"].write_text(_markdown(task, sel, extra))
+    record = {"task": task, **sel.to_json(), **extra, "num_skipped_images": len(skipped),
+              "skipped_images": list(skipped)}
+    paths["json"].write_text(json.dumps(record, indent=1))
+    paths["markdown"].write_text(_markdown(task, sel, extra, skipped))
     _heatmap(task, sel, paths["heatmap"])
     return paths

@@ -1,14 +1,17 @@
 """Downstream task images: an embedded task name, an ImageFolder tree or a folder of WebDataset shards.
 
-Everything becomes uint8 arrays (N, S, S, 3) at one size plus integer labels, split into train and test.
+Everything becomes uint8 arrays (N, S, S, 3) at one size plus integer labels, split into train and test. An image
+that does not decode is left out and named in `TaskData.skipped` (file path, or `shard.tar:key`), never dropped
+silently.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,12 @@ from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, emb
 
 __all__ = ["TaskData", "load_task_data"]
 
+log = logging.getLogger("moce_ds")
+
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# what PIL raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors; some plugins raise
+# SyntaxError or ValueError on a corrupt header)
+_UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -29,6 +37,7 @@ class TaskData:
     test_x: np.ndarray
     test_y: np.ndarray
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out: file paths or "shard.tar:key"
 
     @property
     def all_images(self) -> np.ndarray:
@@ -57,36 +66,46 @@ def _split(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, ...]:
     return x[train], y[train], x[~train], y[~train]
 
 
+def _decode_all(named: list[tuple[str, Path | bytes, int]], size: int,
+                where: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(name, path or bytes, label) -> images (N, S, S, 3), labels (N,) and the names of those that did not decode."""
+    xs, ys, skipped = [], [], []
+    for name, src, label in named:
+        try:
+            xs.append(_load_image(src, size))
+            ys.append(label)
+        except _UNDECODABLE:
+            skipped.append(name)
+    if skipped:
+        log.warning("%d task image(s) under %s do not decode and are left out: %s%s", len(skipped), where,
+                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    if not xs:
+        raise ValueError(f"no readable images under {where} ({len(skipped)} did not decode): expected "
+                         f"<class>/<image> files or shards with image + 'cls' samples.")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), skipped
+
+
 def _image_folder(root: Path, size: int) -> TaskData:
-    def read(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for ci, c in enumerate(classes):
-            for f in sorted((folder / c).iterdir()):
-                if f.suffix.lower() in _IMAGE_EXTS:
-                    try:
-                        xs.append(_load_image(f, size))
-                        ys.append(ci)
-                    except OSError:
-                        continue  # an unreadable image is left out, not a crash
-        if not xs:
-            raise ValueError(f"no readable images under {folder} (expected <class>/<image> files).")
-        return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    def read(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        files = [(str(f), f, ci) for ci, c in enumerate(classes) for f in sorted((folder / c).iterdir())
+                 if f.suffix.lower() in _IMAGE_EXTS]
+        return _decode_all(files, size, folder)
 
     if (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()):
         test_dir = root / "val" if (root / "val").is_dir() else root / "test"
         classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        tx, ty = read(root / "train", classes)
-        vx, vy = read(test_dir, classes)
-        return TaskData(root.name, tx, ty, vx, vy, classes)
+        tx, ty, t_skipped = read(root / "train", classes)
+        vx, vy, v_skipped = read(test_dir, classes)
+        return TaskData(root.name, tx, ty, vx, vy, classes, t_skipped + v_skipped)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} is neither an ImageFolder tree (class subfolders) nor a shard folder.")
-    x, y = read(root, classes)
-    return TaskData(root.name, *_split(x, y, root.name), classes)
+    x, y, skipped = read(root, classes)
+    return TaskData(root.name, *_split(x, y, root.name), classes, skipped)
 
 
 def _shards(root: Path, size: int) -> TaskData:
-    images: dict[str, bytes] = {}
+    images: dict[str, tuple[str, bytes]] = {}  # key -> (shard file name, encoded image)
     labels: dict[str, int] = {}
     for shard in sorted(root.glob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -96,16 +115,15 @@ def _shards(root: Path, size: int) -> TaskData:
                 key, _, ext = member.name.partition(".")
                 data = tar.extractfile(member).read()
                 if ext in ("png", "jpg", "jpeg"):
-                    images[key] = data
+                    images[key] = (shard.name, data)
                 elif ext == "cls":
                     labels[key] = int(data.decode().strip())
     keys = sorted(k for k in images if k in labels)
     if not keys:
         raise ValueError(f"shards in {root} have no samples with both an image and a 'cls' label.")
-    x = np.stack([_load_image(images[k], size) for k in keys])
-    y = np.asarray([labels[k] for k in keys], dtype=np.int64)
+    x, y, skipped = _decode_all([(f"{images[k][0]}:{k}", images[k][1], labels[k]) for k in keys], size, root)
     classes = [str(c) for c in range(int(y.max()) + 1)]
-    return TaskData(root.name, *_split(x, y, root.name), classes)
+    return TaskData(root.name, *_split(x, y, root.name), classes, skipped)
 
 
 def load_task_data(task: str, image_size: int, cache_dir: Path | None = None) -> TaskData:

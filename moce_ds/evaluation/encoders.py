@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
+from moce_ds.customize.export import dense_sidecar, load_dense
 from moce_ds.data.loader import to_tensor
 
 __all__ = ["Encoder", "load_encoder", "to_tensor", "extract_features"]
@@ -28,16 +28,15 @@ class Encoder:
 
 
 def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
-    """`model`: a dense export (.pth with its .json), a timm model name (+ `checkpoint`), or a pre-training run."""
+    """`model`: a dense export (.safetensors with its <stem>.json; an older .pth with its .pth.json), a timm model
+    name (+ `checkpoint`), or a pre-training run."""
     path = Path(model)
-    if path.suffix == ".pth" and path.is_file():
-        meta_file = path.with_suffix(".pth.json")
-        if not meta_file.is_file():
-            raise ValueError(f"{path} has no {meta_file.name}; pass a timm model name with --checkpoint {path}.")
-        kwargs = json.loads(meta_file.read_text())["vision_transformer"]
-        vit = VisionTransformer(**kwargs)
-        vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        return Encoder(path.stem, kwargs["img_size"], vit.forward_features, vit.eval())
+    if path.suffix in (".safetensors", ".pth") and path.is_file():
+        if not dense_sidecar(path).is_file():
+            raise ValueError(f"{path} has no {dense_sidecar(path).name} beside it; pass a timm model name with "
+                             f"--checkpoint {path}.")
+        vit = load_dense(path)
+        return Encoder(path.stem, vit.patch_embed.img_size[0], vit.forward_features, vit.eval())
     if path.is_dir():
         from moce_ds.checkpoints.run_reader import load_pretrained
 
@@ -50,7 +49,7 @@ def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
             moe.gate.drop_tokens = False
         return Encoder(f"{path.name}:{pre.tag}", mae.spec.img_size, mae.forward_features, None)
     if checkpoint is None:
-        raise ValueError(f"'{model}' is neither a .pth export nor a run folder; with a timm model name also pass "
+        raise ValueError(f"'{model}' is neither a dense export nor a run folder; with a timm model name also pass "
                          f"--checkpoint <weights file> (nothing is downloaded).")
     vit = timm.create_model(str(model), checkpoint_path=str(checkpoint), num_classes=0)
     return Encoder(str(model), vit.patch_embed.img_size[0], vit.forward_features, vit.eval())

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 
 from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import pixel_features
@@ -34,6 +38,7 @@ def _one_cluster_task(run: Path, cache: Path, out: Path) -> tuple[int, np.ndarra
         folder = out / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"{i:03d}.png")
+    (out / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")  # named in the report, not used
     return cluster, chosen
 
 
@@ -56,6 +61,23 @@ def test_export_in_timm_matches_the_moce_encoder(two_rank_run, embedded_cache, t
     assert (moce - dense).abs().max().item() <= 1e-5
     for name in ("json", "markdown", "heatmap"):
         assert res.report[name].stat().st_size > 0
+    record = json.loads(res.report["json"].read_text())
+    assert record["skipped_images"] == [str(tmp_path / "task" / "a" / "corrupt.png")]
+    assert "skipped images (do not decode): 1" in res.report["markdown"].read_text()
+
+    assert res.checkpoint.name == "vit_mini_task.safetensors"
+    namespace = {"timm": timm, "VisionTransformer": VisionTransformer}
+    exec(res.timm_call, namespace)  # the call the report prints
+    with torch.no_grad():
+        assert torch.equal(namespace["m"].eval().forward_features(x), dense)
+    if res.hf_folder is None:
+        assert record["load_in_transformers"].startswith("skipped: transformers is not installed")
+    else:
+        from transformers import ViTModel
+
+        hf = ViTModel.from_pretrained(res.hf_folder, add_pooling_layer=False).eval()
+        with torch.no_grad():
+            assert (hf(pixel_values=x).last_hidden_state - dense).abs().max().item() <= 1e-4
 
 
 def test_one_domain_task_picks_the_expert_the_gate_gives_its_clusters(two_rank_run, embedded_cache, tmp_path):
@@ -88,10 +110,11 @@ def test_ep2_checkpoint_and_its_ep1_resave_give_the_same_export(two_rank_run, em
     run_deepspeed(ROOT / "tests" / "dist" / "workers" / "resave_ep1.py", [str(run), str(resaved), str(ds)],
                   num_gpus=1)
     assert len(list((resaved / "checkpoints").glob("*/layer_0_expert_*_model_states.pt"))) == 4
-    a = customize(run, "faces", tmp_path / "a", cache_dir=embedded_cache)
+    a = customize(run, "faces", tmp_path / "a", cache_dir=embedded_cache, hf=False)
     b = customize(resaved, "faces", tmp_path / "b", centroids=load_pretrained(run).round.path,
-                  cache_dir=embedded_cache)
-    sa, sb = (torch.load(r.checkpoint, weights_only=True) for r in (a, b))
+                  cache_dir=embedded_cache, hf=False)
+    assert not (tmp_path / "a" / "hf").exists()
+    sa, sb = (load_file(r.checkpoint) for r in (a, b))
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.selection.chosen == b.selection.chosen
