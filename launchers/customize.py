@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier rows in the export (default: 1000 for timm's standard names, else 0)")
     p.add_argument("--cache-dir", type=Path, default=None, help="embedded data set cache (default ~/.cache/moce_ds)")
+    p.add_argument("--rule", default="path", choices=("path", "per_layer", "merge"),
+                   help="path: the expert tuple with the largest routing mass (a route the task's images take); "
+                        "per_layer: each layer's best expert alone; merge: experts averaged by routing mass")
+    p.add_argument("--features", default=None,
+                   help="featurise the task with this source (a run or checkpoint folder, timm:NAME, pixel) instead "
+                        "of the round's own, e.g. when that checkpoint was deleted")
     p.add_argument("--no-hf", action="store_true",
                    help="skip the Hugging Face folder <out>/hf (written by default when transformers is installed)")
     args = p.parse_args(argv)
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (args.checkpoint / "custom" / Path(args.task).name)
     try:
         res = customize(args.checkpoint, args.task, out, args.centroids, args.num_classes, args.cache_dir,
-                        hf=not args.no_hf)
+                        features=args.features, hf=not args.no_hf, rule=args.rule)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

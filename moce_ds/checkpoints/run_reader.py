@@ -15,7 +15,7 @@ import torch
 
 from moce_ds.checkpoints.records import latest_tag
 from moce_ds.config import Config, load_config
-from moce_ds.data.sidecar import ClusterRound, latest_round, load_round
+from moce_ds.data.sidecar import ClusterRound, latest_round, load_round_at
 from moce_ds.model import MaskedAutoencoderViT, build_model
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
@@ -49,11 +49,10 @@ def resolve_checkpoint(path: Path, tag: str | None = None) -> tuple[Path, Path, 
 
 def _round_for(meta: dict, run_dir: Path, cfg: Config, centroids: Path | None) -> ClusterRound | None:
     if centroids is not None:  # an explicit round folder wins
-        root, name = centroids.parent, centroids.name
-        return load_round(root, int(name.split("_")[-1]))
+        return load_round_at(centroids)
     saved = meta.get("position", {}).get("cluster_round")
     if saved and Path(saved).is_dir():
-        return load_round(Path(saved).parent, int(Path(saved).name.split("_")[-1]))
+        return load_round_at(Path(saved))
     if cfg.data.path:
         return latest_round(Path(cfg.data.path) / "clusters")
     # the embedded set: its newest round with the gate table's k
@@ -62,7 +61,7 @@ def _round_for(meta: dict, run_dir: Path, cfg: Config, centroids: Path | None) -
     root = (Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()) / f"embedded-{EMBEDDED_VERSION}"
     rounds = sorted((root / "clusters").glob("round_*"), reverse=True)
     for r in rounds:
-        rnd = load_round(r.parent, int(r.name.split("_")[-1]))
+        rnd = load_round_at(r)
         if rnd.k == cfg.moe.num_clusters:
             return rnd
     return None

@@ -1,13 +1,6 @@
-"""Global image features for clustering, and the per-shard feature cache of the offline job (DESIGN.md §1.1).
+"""Featurising the shards of a data set for the clustering job, with a per-shard cache (DESIGN.md §1.1).
 
-Feature sources (the ``feature_source`` string in a round's manifest names the one used):
-
-- ``pixel``: :mod:`moce_ds.clustering.pixel_features` (``pixel_features_v1``), when nothing is trained yet;
-- a run folder / checkpoint of ours: :func:`moce_ds.checkpoints.run_reader.load_pretrained` rebuilds the MoCE encoder
-  (any ep_size it was trained with, all experts local); feature = mean of the encoder's patch tokens of the
-  *unmasked* image, L2-normalised; MoE blocks route each image by its id in the checkpoint's round;
-- ``timm:<model name>`` plus a weights file: mean of the patch tokens of ``forward_features``, L2-normalised.
-
+Which features: :mod:`moce_ds.clustering.feature_sources` (the one registry of feature sources).
 :func:`featurize_shards` gives each rank its share of the shards and caches every finished shard as
 ``<cache>/<stem>.feats.npy`` [n, d] float32 + ``<stem>.index.npy`` [n] int64 + a done record, so a rerun skips them.
 """
@@ -21,126 +14,23 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from moce_ds.clustering.comm import Communicator, LocalComm
-from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
+from moce_ds.clustering.feature_sources import FeatureExtractor, square_image
 from moce_ds.data.keys import key_index
-from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from moce_ds.data.shard_writer import atomic_write_json
 from moce_ds.data.sources import SKIP_MARKER, read_tar_samples
 
-__all__ = ["FeatureExtractor", "decode_shard", "encoder_features", "featurize_shards", "make_extractor"]
+__all__ = ["decode_shard", "featurize_shards"]
 
 logger = logging.getLogger("moce_ds")
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
-
-
-@dataclass
-class FeatureExtractor:
-    """images uint8 [B, S, S, 3] + global indices int64 [B] -> float32 [B, d] unit rows."""
-
-    source: str  # written to the round's manifest, and part of the cache key
-    space: str  # rounds whose space is equal can be matched by centroid distance
-    image_size: int  # images are resized (shorter side) + centre-cropped to this before featurising
-    fn: object = field(repr=False)  # Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-    def __call__(self, images: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return self.fn(images, index)  # type: ignore[operator]
-
-
-@torch.no_grad()
-def encoder_features(model: torch.nn.Module, images: torch.Tensor, cluster: torch.Tensor | None) -> torch.Tensor:
-    """MoCE/MAE encoder: images [B, 3, S, S], cluster [B] -> float32 [B, D] mean of unmasked patch tokens, unit norm."""
-    latent = model.forward_features(images, cluster)  # [B, 1+L, D]
-    feats = latent[:, 1:, :].float().mean(dim=1)  # drop the cls token: the design's "patch tokens"
-    return torch.nn.functional.normalize(feats, dim=1)
-
-
-def _checkpoint_extractor(path: str) -> FeatureExtractor:
-    from moce_ds.checkpoints.run_reader import load_pretrained
-
-    pre = load_pretrained(Path(path))
-    model = pre.model
-    ids = None
-    if pre.cfg.moe.routing == "cluster":
-        if pre.round is None:
-            raise ValueError(f"checkpoint {path} routes by cluster but its clustering round was not found")
-        ids = np.asarray(pre.round.ids(mmap=False))
-
-    def fn(images: np.ndarray, index: np.ndarray) -> np.ndarray:
-        cluster = None
-        if ids is not None:
-            inside = index < ids.shape[0]
-            c = np.where(inside, ids[np.minimum(index, ids.shape[0] - 1)], -1)
-            cluster = torch.from_numpy(np.maximum(c, 0).astype(np.int64))  # no id yet: route like cluster 0
-        x = to_tensor(images)
-        return encoder_features(model, x, cluster).numpy()
-
-    spec = model.spec
-    source = f"moce_ds:{Path(path).resolve()}@{pre.tag}"
-    return FeatureExtractor(source, f"moce_ds:{pre.cfg.model.size}:{spec.embed_dim}", spec.img_size, fn)
-
-
-def _timm_extractor(name: str, weights: str | None) -> FeatureExtractor:
-    import timm
-
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"weights {weights} do not fit timm model {name}: missing {missing[:4]}")
-    else:
-        logger.warning("timm:%s without a weights file: features of a randomly initialised model", name)
-    model.eval()
-    cfg = model.pretrained_cfg
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-
-    @torch.no_grad()
-    def fn(images: np.ndarray, index: np.ndarray) -> np.ndarray:
-        tokens = model.forward_features(to_tensor(images, mean, std))
-        feats = tokens[:, prefix:, :].mean(1) if tokens.ndim == 3 else tokens.flatten(1)  # CNNs: [B, C] pooled
-        return torch.nn.functional.normalize(feats.float(), dim=1).numpy()
-
-    tag = Path(weights).name if weights else "random"
-    return FeatureExtractor(f"timm:{name}:{tag}", f"timm:{name}", size, fn)
-
-
-def make_extractor(features: str, weights: str | None = None, image_size: int = 32) -> FeatureExtractor:
-    """``pixel`` | a run folder / checkpoint folder of ours | ``timm:<name>`` (with ``weights``)."""
-    if features in ("pixel", PIXEL_FEATURES_VERSION):
-        return FeatureExtractor(PIXEL_FEATURES_VERSION, PIXEL_FEATURES_VERSION, image_size,
-                                lambda images, index: pixel_features(images))
-    if features.startswith("timm:"):
-        return _timm_extractor(features[len("timm:"):], weights)
-    if Path(features).exists():
-        return _checkpoint_extractor(features)
-    raise ValueError(f"--features {features!r} is neither 'pixel', 'timm:<model name>' nor an existing run or "
-                     f"checkpoint folder")
-
-
-def _square(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), centre crop -> uint8 [size, size, 3]."""
-    w, h = img.size
-    if (w, h) != (size, size):
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
 
 
 def decode_shard(url: str, image_size: int, expected: int | None = None) -> Iterator[tuple[int, np.ndarray] | str]:
@@ -164,7 +54,7 @@ def decode_shard(url: str, image_size: int, expected: int | None = None) -> Iter
         except Exception:  # noqa: BLE001 - an undecodable image is a skipped sample, never a crash
             yield "decode_error"
             continue
-        yield index, _square(img, image_size)
+        yield index, square_image(img, image_size)
 
 
 def _stem(url: str) -> str:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from moce_ds.clustering.feature_sources import pixel_spec
 from moce_ds.clustering.kmeans import kmeans
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.embedded import EmbeddedDataset
@@ -32,6 +33,7 @@ def cluster_embedded(ds: EmbeddedDataset, k: int, seed: int = 0) -> ClusterRound
         "spherical": True,
         "seconds": round(time.perf_counter() - t0, 3),
         "dataset": str(ds.root),
+        "feature_extractor": pixel_spec(int(images.shape[1])),
     }
     return write_round(ds.root / "clusters", ids, res.centroids, feature_source=PIXEL_FEATURES_VERSION, extra=extra)
 

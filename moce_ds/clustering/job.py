@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from moce_ds.clustering.comm import Communicator, LocalComm
-from moce_ds.clustering.features import featurize_shards, make_extractor
+from moce_ds.clustering.feature_sources import make_extractor
+from moce_ds.clustering.features import featurize_shards
 from moce_ds.clustering.kmeans import KMeansResult, kmeans
 from moce_ds.clustering.matching import apply_matching, match_by_centroids, match_by_overlap
-from moce_ds.data.sidecar import ClusterRound, latest_round, load_round, write_round
+from moce_ds.data.sidecar import ClusterRound, latest_round, load_round_at, write_round
 from moce_ds.data.sources import resolve_shards
 from moce_ds.metrics.prometheus import write_clustering_textfile
 
@@ -114,6 +115,9 @@ def run_clustering(
     t0 = time.perf_counter()
     urls, counts, root = _resolve_data(data, cache_dir, comm)
     root = Path(out) if out is not None else root
+    if counts is not None and sum(counts) < k:
+        raise ValueError(f"--k {k} is more clusters than the {sum(counts)} images of {data}: pass --k of at most "
+                         f"{sum(counts)} (moe.num_clusters must then match it).")
     extractor = make_extractor(features, weights, image_size)
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor.source)[-100:]
     cache = Path(feature_cache) if feature_cache is not None else root / "features" / slug
@@ -132,7 +136,8 @@ def run_clustering(
         for part in sk:
             for r, c in part.items():
                 total_skipped[r] = total_skipped.get(r, 0) + c
-        extra = {"seed": seed, "spherical": spherical, "tol": tol, "ranks": comm.world_size, "comm": comm.name,
+        extra = {"feature_extractor": extractor.spec,
+                 "seed": seed, "spherical": spherical, "tol": tol, "ranks": comm.world_size, "comm": comm.name,
                  "data": str(data), "skipped": total_skipped, "feature_seconds": round(t_feat, 3),
                  "seconds": round(time.perf_counter() - t0, 3)}
         rnd = write_matched_round(root, ids, res, extractor.source, extractor.space, extra, match=match)
@@ -146,7 +151,7 @@ def run_clustering(
                     int((ids >= 0).sum()), res.objective[-1], len(res.objective), time.perf_counter() - t0)
     path = comm.broadcast(path)
     comm.barrier()
-    return load_round(Path(path).parent, int(Path(path).name.split("_")[-1]))
+    return load_round_at(Path(path))
 
 
 def _common_dim(x: np.ndarray, comm: Communicator) -> int:

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from moce_ds.clustering.comm import TorchComm
-from moce_ds.clustering.features import decode_shard, encoder_features
+from moce_ds.clustering.feature_sources import ClusterIds, checkpoint_spec, encoder_features, pixel_spec
+from moce_ds.clustering.features import decode_shard
 from moce_ds.clustering.job import gather_ids, write_matched_round
 from moce_ds.clustering.kmeans import kmeans
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
-from moce_ds.data.sidecar import ClusterRound, load_round
+from moce_ds.data.sidecar import ClusterRound, load_round_at
+from moce_ds.moe.inference import inference_routing
 
 __all__ = ["refresh_due", "refresh_round"]
 
@@ -80,48 +82,51 @@ def _encode_lockstep(model, images: np.ndarray, cluster: np.ndarray, batch: int,
 
 
 def refresh_round(cfg, model: torch.nn.Module, urls: list[str], counts: list[int] | None, current: ClusterRound,
-                  epoch: int, batch: int, dtype: torch.dtype, device: torch.device) -> ClusterRound | None:
+                  epoch: int, step: int, batch: int, dtype: torch.dtype, device: torch.device) -> ClusterRound:
     """Featurise with the current encoder on every rank, k-means over torch.distributed, write the next round
-    (ids matched to ``current``). Call on every rank at the same point; returns the new round (every rank)."""
+    (ids matched to ``current``). Call on every rank at the same point; returns the new round (every rank).
+
+    The round records the checkpoint the trainer saves at this ``step`` as its feature source (the weights that
+    made its features), so customisation and the report can featurise new images the same way later; the
+    trainer saves that checkpoint right after the refresh and never prunes it while a round names it.
+    """
     t0 = time.perf_counter()
     comm = TorchComm()
     c = cfg.cluster
     cap = math.ceil(c.max_images / comm.world_size) if c.max_images else 0
     images, index = _local_images(urls, counts, comm.rank, comm.world_size, model.spec.img_size, cap)
-    ids_now = np.asarray(current.ids(mmap=False))
-    has_id = (index < ids_now.shape[0]) & (ids_now[np.minimum(index, ids_now.shape[0] - 1)] >= 0)
-    images, index = images[has_id], index[has_id]  # the MoE layers route an image by its current cluster
     if c.features == "pixel":
-        feats, source, space = pixel_features(images), PIXEL_FEATURES_VERSION, PIXEL_FEATURES_VERSION
+        feats, spec = pixel_features(images), pixel_spec(model.spec.img_size)
+        source = space = PIXEL_FEATURES_VERSION
     else:
-        gates = [m.gate for _, m in model.moe_layers() if hasattr(m.gate, "drop_tokens")]
-        saved = [g.drop_tokens for g in gates]
-        was_training = model.training
-        model.eval()
-        for g in gates:
-            g.drop_tokens = False  # dropless: no token of a featurised image is lost to capacity
-        try:
-            feats = _encode_lockstep(model, images, ids_now[index].astype(np.int64), batch, comm, dtype, device)
-        finally:
-            for g, d in zip(gates, saved):
-                g.drop_tokens = d
-            model.train(was_training)
-        source = f"moce_ds:encoder@epoch{epoch}"
+        # The MoE layers route an image by its current cluster; one without an id gets its nearest centroid
+        # (the feature-source registry's one policy).
+        ids = ClusterIds(current)
+        cluster = ids(images, index)
+        if ids.assigned:
+            logger.info("refresh: %d images without an id in round %d were assigned to its nearest centroid",
+                        ids.assigned, current.round)
+        with inference_routing(model):
+            feats = _encode_lockstep(model, images, cluster, batch, comm, dtype, device)
+        run_dir = Path(cfg.output_dir)
+        spec = checkpoint_spec(run_dir, f"step{step:08d}", cfg.model.size, model.spec.img_size, cfg.moe.routing,
+                               current.path)
+        source = f"moce_ds:{run_dir.resolve()}@step{step:08d}"
         space = f"moce_ds:{cfg.model.size}:{model.spec.embed_dim}"
     t_feat = time.perf_counter() - t0
     res = kmeans(feats, cfg.moe.num_clusters, iters=c.iters, seed=c.seed + epoch, spherical=c.spherical, tol=c.tol,
                  comm=comm)
-    ids = gather_ids(index, res.assignments, comm, int(ids_now.shape[0]))
+    ids_now = current.ids(mmap=True)
+    table = gather_ids(index, res.assignments, comm, int(ids_now.shape[0]))
     path = None
     if comm.rank == 0:
-        extra = {"seed": c.seed + epoch, "spherical": c.spherical, "tol": c.tol, "ranks": comm.world_size,
-                 "comm": comm.name, "refresh_after_epoch": epoch, "feature_seconds": round(t_feat, 3),
-                 "seconds": round(time.perf_counter() - t0, 3)}
-        rnd = write_matched_round(current.path.parent, ids, res, source, space, extra)
+        extra = {"feature_extractor": spec, "seed": c.seed + epoch, "spherical": c.spherical, "tol": c.tol,
+                 "ranks": comm.world_size, "comm": comm.name, "refresh_after_epoch": epoch,
+                 "feature_seconds": round(t_feat, 3), "seconds": round(time.perf_counter() - t0, 3)}
+        rnd = write_matched_round(current.path.parent, table, res, source, space, extra)
         path = str(rnd.path)
         logger.info("refresh after epoch %d: round %d from %d images in %.1f s (objective %.4g)", epoch, rnd.round,
-                    int((ids >= 0).sum()), time.perf_counter() - t0, res.objective[-1])
+                    int((table >= 0).sum()), time.perf_counter() - t0, res.objective[-1])
     path = comm.broadcast(path)
     comm.barrier()
-    p = Path(path)
-    return load_round(p.parent, int(p.name.split("_")[-1]))
+    return load_round_at(Path(path))

@@ -34,24 +34,29 @@ def timm_vit(spec: MAESpec, num_classes: int = 0) -> VisionTransformer:
 
 
 @torch.no_grad()
-def dense_state_dict(model: MaskedAutoencoderViT, chosen: dict[int, int], scales: dict[int, float],
-                     num_classes: int = 0) -> dict[str, torch.Tensor]:
-    """Shared encoder weights + chosen expert MLPs (fc2 scaled by the folded gate value) [+ a zero head]."""
-    if set(chosen) != set(model.moe_blocks):
-        raise ValueError(f"choose one expert for each MoE block {model.moe_blocks}, got {sorted(chosen)}.")
+def dense_state_dict(model: MaskedAutoencoderViT, experts: dict[int, int | dict[int, float]],
+                     scales: dict[int, float], num_classes: int = 0) -> dict[str, torch.Tensor]:
+    """Shared encoder weights + one MLP per MoE block (fc2 scaled by the folded gate value) [+ a zero head].
+
+    experts: block -> the expert to export, or {expert: weight} to export the experts' weighted average (the merge
+    export; weights sum to 1).
+    """
+    mix = {b: {e: 1.0} if isinstance(e, int) else e for b, e in experts.items()}
+    if set(mix) != set(model.moe_blocks):
+        raise ValueError(f"choose one expert for each MoE block {model.moe_blocks} (or a mix), got {sorted(mix)}.")
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if key.startswith(_DECODER_PREFIXES) or ".mlp.deepspeed_moe." in key:
             continue
         out[key] = value.detach().clone().float()
-    for block, expert in chosen.items():
-        mlp = model.blocks[block].mlp.deepspeed_moe.experts.deepspeed_experts[expert]
-        scale = scales.get(block, 1.0)
-        out[f"blocks.{block}.mlp.fc1.weight"] = mlp.fc1.weight.detach().clone().float()
-        out[f"blocks.{block}.mlp.fc1.bias"] = mlp.fc1.bias.detach().clone().float()
-        # gate x (W2 h + b2) == (gate W2) h + gate b2: the gate value folds into fc2
-        out[f"blocks.{block}.mlp.fc2.weight"] = mlp.fc2.weight.detach().float() * scale
-        out[f"blocks.{block}.mlp.fc2.bias"] = mlp.fc2.bias.detach().float() * scale
+    for block, weights in mix.items():
+        if abs(sum(weights.values()) - 1.0) > 1e-6:
+            raise ValueError(f"the expert weights of block {block} must sum to 1, got {weights}.")
+        local = model.blocks[block].mlp.deepspeed_moe.experts.deepspeed_experts
+        for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            merged = sum(w * local[e].get_parameter(name).detach().float() for e, w in weights.items())
+            # gate x (W2 h + b2) == (gate W2) h + gate b2: the gate value folds into fc2
+            out[f"blocks.{block}.mlp.{name}"] = merged * scales.get(block, 1.0) if name.startswith("fc2") else merged
     if num_classes:  # timm's default models carry a classifier; MAE trains none, so it starts at zero
         out["head.weight"] = torch.zeros(num_classes, model.spec.embed_dim)
         out["head.bias"] = torch.zeros(num_classes)

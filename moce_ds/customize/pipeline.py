@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moce_ds.checkpoints.run_reader import load_pretrained
-from moce_ds.clustering.round_features import features_for_source
+from moce_ds.clustering.feature_sources import assign_to_round, round_extractor
 from moce_ds.customize.export import dense_state_dict, save_dense, timm_kwargs, timm_vit
 from moce_ds.customize.hf_export import hf_unavailable, save_hf_folder
 from moce_ds.customize.report import write_report
@@ -30,25 +30,36 @@ class CustomizeResult:
 
 
 def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None = None,
-              num_classes: int | None = None, cache_dir: Path | None = None, hf: bool = True) -> CustomizeResult:
-    """``hf``: also write ``<out_dir>/hf/`` for transformers.ViTModel (skipped, with the reason in the report,
+              num_classes: int | None = None, cache_dir: Path | None = None,
+              features: str | None = None, hf: bool = True, rule: str = "path") -> CustomizeResult:
+    """A MoCE checkpoint + a task -> a dense timm ViT (and a Hugging Face folder) + the selection report.
+
+    ``rule``: how experts are chosen (:func:`moce_ds.customize.selection.select_experts`): ``path``, ``per_layer``
+    or ``merge``. ``features``: featurise the task with this ``--features`` source instead of the round's own
+    (e.g. when the round's source checkpoint was deleted); it must give features of the centroids' width.
+    ``hf``: also write ``<out_dir>/hf/`` for transformers.ViTModel (skipped, with the reason in the report,
     without transformers)."""
     pre = load_pretrained(checkpoint, centroids=centroids)
     if pre.round is None:
         raise ValueError(f"no clustering round found for {checkpoint}: pass --centroids <round folder>.")
+    if pre.cfg.moe.routing != "cluster":
+        raise ValueError(f"task customisation needs a MoCE checkpoint (moe.routing=cluster); {checkpoint} is "
+                         f"'{pre.cfg.moe.routing}': evaluate it directly with launchers/evaluate.py.")
     spec = pre.model.spec
     if cache_dir is None and pre.cfg.data.cache_dir:
         cache_dir = Path(pre.cfg.data.cache_dir)  # the embedded set the checkpoint was trained on
+    # Rebuild the round's feature source first: a deleted source fails here, before any task image is read.
+    extractor = round_extractor(pre.round, features)
     data = load_task_data(task, spec.img_size, cache_dir)
-    manifest = pre.round.manifest
-    feats = features_for_source(manifest["feature_source"], data.all_images)
-    hist = cluster_histogram(feats, pre.round.centroids(), spherical=bool(manifest.get("spherical", False)))
-    sel = select_experts(pre.model, hist)
-    log.info("task %s: %d images; chosen experts %s", data.name, len(feats), sel.chosen)
+    ids = assign_to_round(pre.round, data.all_images, extractor)  # task images featurised like the round's
+    hist = cluster_histogram(ids, pre.round.k)
+    sel = select_experts(pre.model, hist, rule)
+    log.info("task %s: %d images featurised by %s; %s rule: experts %s, coverage %.1f%%", data.name, len(ids),
+             extractor.source, rule, sel.chosen, 100 * sel.coverage)
 
     n_cls = (1000 if spec.timm_name else 0) if num_classes is None else num_classes
     vit_kwargs = timm_kwargs(spec, n_cls)
-    state = dense_state_dict(pre.model, sel.chosen, sel.scales, n_cls)
+    state = dense_state_dict(pre.model, sel.mix, sel.scales, n_cls)
     timm_vit(spec, n_cls).load_state_dict(state, strict=True)  # refuse to write anything timm would not load
     name = spec.timm_name or f"vit_{pre.cfg.model.size}"
     path = save_dense(state, out_dir / f"{name}_{data.name}.safetensors", vit_kwargs)
@@ -67,7 +78,7 @@ def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None
         log.info("no Hugging Face folder: %s", why_not)
     extra = {"checkpoint": str(pre.ckpt_dir / pre.tag), "cluster_round": str(pre.round.path),
              "dense_checkpoint": str(path), "load_in_timm": call, "load_in_transformers": hf_call,
-             "num_images": int(len(feats))}
+             "num_images": int(len(ids)), "feature_source": extractor.source}
     report = write_report(out_dir, data.name, sel, extra, data.skipped)
     return CustomizeResult(path, sel, report, call, hf_folder)
 

@@ -39,7 +39,15 @@ def _markdown(task: str, sel: Selection, extra: dict, skipped: Sequence[str]) ->
     for b in sorted(sel.chosen):
         cells = " | ".join(f"**{s:.3f}**" if e == sel.chosen[b] else f"{s:.3f}" for e, s in enumerate(sel.scores[b]))
         lines.append(f"| {b} | {cells} | e{sel.chosen[b]} | {sel.scales[b]:.3f} |")
-    lines += ["", "Score s_e = sum_c q(c) p(e|c); the gate value is folded into the exported MLP.", ""]
+    exact = "" if sel.exact_search else " (search budget reached: the best path found, maybe not the maximum)"
+    dev = "n/a" if sel.gate_deviation != sel.gate_deviation else f"{sel.gate_deviation:.3f}"
+    lines += ["", "Score s_e = sum_c q(c) p(e|c); the gate value is folded into the exported MLP"
+              + (" (merge: the experts' average weighted by s_e)." if sel.rule == "merge" else "."), "",
+              f"- rule: `{sel.rule}`{exact}",
+              f"- coverage: {sel.coverage:.1%} of the task's images route (top-1 expert of their cluster) to the "
+              f"exported expert in every MoE layer; routing mass of the exported path {sel.mass:.3f}",
+              f"- folded gate values: those of cluster {sel.dominant_cluster} (exact for its images); largest gate "
+              f"difference over covered images, mean: {dev}", ""]
     lines += [f"- {k}: `{v}`" for k, v in extra.items()] + [_skipped_line(skipped), ""]
     return "\n".join(lines)
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from moce_ds.data.shard_writer import atomic_write_json
 
-__all__ = ["ClusterRound", "check_round_matches", "latest_round", "load_round", "round_dir", "write_round"]
+__all__ = ["ClusterRound", "check_round_matches", "latest_round", "load_round", "load_round_at", "round_dir",
+           "write_round"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -73,6 +74,15 @@ def load_round(root: Path, r: int) -> ClusterRound:
     with open(mpath) as f:
         manifest = json.load(f)
     return ClusterRound(round=int(manifest["round"]), k=int(manifest["k"]), path=path, manifest=manifest)
+
+
+def load_round_at(path: Path) -> ClusterRound:
+    """A round folder (``<root>/round_NNNN``) -> the round."""
+    path = Path(path)
+    m = _ROUND_RE.match(path.name)
+    if m is None:
+        raise FileNotFoundError(f"{path} is not a cluster round folder (expected <clusters>/round_NNNN)")
+    return load_round(path.parent, int(m.group(1)))
 
 
 def latest_round(root: Path) -> ClusterRound | None:

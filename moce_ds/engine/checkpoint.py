@@ -78,10 +78,11 @@ def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_
     return folder
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete tags, and leftovers of unfinished saves. Rank 0 only."""
+def prune_checkpoints(ckpt_dir: Path, keep: int, pinned: set[str] | frozenset[str] = frozenset()) -> None:
+    """Delete all but the newest `keep` complete tags and the `pinned` ones, and leftovers of unfinished saves.
+    Rank 0 only."""
     tags = complete_tags(ckpt_dir)
-    keep_set = set(tags[-keep:]) if keep > 0 else set(tags)
+    keep_set = (set(tags[-keep:]) if keep > 0 else set(tags)) | (set(pinned) & set(tags))
     for p in ckpt_dir.iterdir():
         if p.is_dir() and p.name not in keep_set:
             shutil.rmtree(p, ignore_errors=True)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moce_ds.checkpoints.dense_weights import read_dense_mae
+from moce_ds.clustering.feature_sources import checkpoint_tags_in_use
 from moce_ds.clustering.packing import init_cluster_tables
 from moce_ds.clustering.refresh import refresh_due, refresh_round
 from moce_ds.config import Config, save_config
@@ -240,8 +241,9 @@ def _steps(cfg, info: DistInfo, engine, model, data: TrainingData, metrics, load
     def checkpoint(ep: int, micro_in_epoch: int) -> Path:
         tag = f"step{step:08d}"
         path = save_checkpoint(engine, cfg, tag, position(ep, micro_in_epoch), info.is_main, barrier)
-        if info.is_main:
-            prune_checkpoints(checkpoint_dir(cfg), cfg.train.keep_checkpoints)
+        if info.is_main:  # a checkpoint that a clustering round names as its feature source is kept
+            prune_checkpoints(checkpoint_dir(cfg), cfg.train.keep_checkpoints,
+                              checkpoint_tags_in_use(data.clusters_root, Path(cfg.output_dir)))
         log.info("saved checkpoint %s", path)
         return path
 
@@ -326,10 +328,12 @@ def _steps(cfg, info: DistInfo, engine, model, data: TrainingData, metrics, load
         epoch_done = micro_in_epoch == micro_per_epoch
         next_epoch = epoch + 1 if epoch_done else epoch
         last = step >= max_steps or next_epoch >= cfg.train.epochs or bool(faults.stopped_by)
-        if epoch_done and not last and rnd is not None and refresh_due(cfg, epoch + 1):
-            # a new round from the current encoder; epoch_round() switches to it at the next epoch start
-            refresh_round(cfg, model, data.urls, data.shard_counts, rnd, epoch, micro, dtype, info.device)
-        if last or (epoch_done and (epoch + 1) % cfg.train.save_every_epochs == 0):
+        refreshed = epoch_done and not last and rnd is not None and refresh_due(cfg, epoch + 1)
+        if refreshed:
+            # a new round from the current encoder; epoch_round() switches to it at the next epoch start. The
+            # round names this step's checkpoint as its feature source, so that checkpoint is saved now.
+            refresh_round(cfg, model, data.urls, data.shard_counts, rnd, epoch, step, micro, dtype, info.device)
+        if last or refreshed or (epoch_done and (epoch + 1) % cfg.train.save_every_epochs == 0):
             ckpt_path = checkpoint(next_epoch, 0 if epoch_done else micro_in_epoch)
         epoch = next_epoch
     if faults.stopped_by:

@@ -13,8 +13,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
+from moce_ds.checkpoints.run_reader import load_pretrained
 from moce_ds.customize.export import dense_sidecar, load_dense
 from moce_ds.data.loader import to_tensor
+from moce_ds.moe.inference import inference_routing
 
 __all__ = ["Encoder", "load_encoder", "to_tensor", "extract_features"]
 
@@ -38,16 +40,17 @@ def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
         vit = load_dense(path)
         return Encoder(path.stem, vit.patch_embed.img_size[0], vit.forward_features, vit.eval())
     if path.is_dir():
-        from moce_ds.checkpoints.run_reader import load_pretrained
-
         pre = load_pretrained(path)
         if pre.cfg.moe.routing == "cluster":
             raise ValueError(f"{path} is a MoCE run: customise it for the task first (launchers/customize.py) and "
                              f"evaluate the dense export it writes.")
         mae = pre.model
-        for _, moe in mae.moe_layers():  # evaluation routes every token: no capacity drop
-            moe.gate.drop_tokens = False
-        return Encoder(f"{path.name}:{pre.tag}", mae.spec.img_size, mae.forward_features, None)
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            with inference_routing(mae):  # evaluation routes every token: no capacity drop, no noise
+                return mae.forward_features(x)
+
+        return Encoder(f"{path.name}:{pre.tag}", mae.spec.img_size, tokens, None)
     if checkpoint is None:
         raise ValueError(f"'{model}' is neither a dense export nor a run folder; with a timm model name also pass "
                          f"--checkpoint <weights file> (nothing is downloaded).")

@@ -80,6 +80,27 @@ def _plot_expert_load(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
+def _plot_specialisation(rows: list[dict], out: Path) -> Path | None:
+    """Route purity and cluster-expert NMI per MoE layer over time (cluster routing only)."""
+    rows = [r for r in rows if r.get("expert_load")]
+    layers = sorted((k for k, v in (rows[0]["expert_load"] if rows else {}).items() if "route_purity" in v), key=int)
+    if not layers:
+        return None
+    steps = np.array([r["step"] for r in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False)
+    for ax, key, title in zip(axes[0], ("route_purity", "cluster_expert_nmi"),
+                              ("route purity", "cluster-expert NMI (I / H(expert))")):
+        for layer in layers:
+            ax.plot(steps, [_num(r["expert_load"][layer].get(key)) for r in rows], label=f"block {layer}")
+        ax.set(xlabel="step", ylabel=key, title=title, ylim=(0, 1.02))
+    axes[0][1].legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "specialisation.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _plot_routing(probs: dict[int, np.ndarray], out: Path) -> Path:
     """Cluster x expert heat map of the gate's p(e|c) per MoE layer; the top-1 expert per cluster is boxed."""
     blocks = sorted(probs)
@@ -157,21 +178,6 @@ def _heldout(pre, per_domain: int) -> tuple[np.ndarray, list[str]] | None:
     return np.concatenate(images), domains
 
 
-def _assign_clusters(pre, images: np.ndarray) -> np.ndarray:
-    from moce_ds.clustering.kmeans import assign
-    from moce_ds.clustering.round_features import features_for_source
-
-    manifest = pre.round.manifest
-    feats = features_for_source(manifest["feature_source"], images)
-    centroids = pre.round.centroids()
-    spherical = bool(manifest.get("spherical", False))
-    if spherical:  # assign() takes rows and centroids as unit norm
-        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-        centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    nearest, _ = assign(feats, centroids, spherical=spherical)
-    return nearest.astype(np.int64)
-
-
 def _plot_reconstructions(pre, probs: dict[int, np.ndarray], out: Path) -> tuple[Path | None, str]:
     """Original / masked / reconstruction, one row per expert (top-1 expert of the image's cluster in the first
     MoE layer). Returns the PNG (None when the run has no held-out set) and a line for the report."""
@@ -188,7 +194,9 @@ def _plot_reconstructions(pre, probs: dict[int, np.ndarray], out: Path) -> tuple
     x = to_tensor(images)
     cluster, rows = None, {"all images": np.arange(len(images))}
     if model.moe_cfg.routing == "cluster" and pre.round is not None and probs:
-        ids = _assign_clusters(pre, images)
+        from moce_ds.clustering.feature_sources import assign_to_round
+
+        ids = assign_to_round(pre.round, images)  # held-out images have no id: nearest centroid
         cluster = torch.from_numpy(ids)
         first = min(probs)
         top1 = probs[first][ids].argmax(1)  # (N,) expert of each image's cluster in the first MoE layer
@@ -262,6 +270,11 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         if load_png:
             sections.append(("Expert load over time", load_png, "Share of the kept tokens each expert received "
                              "per logging interval, summed over ranks."))
+        spec_png = _plot_specialisation(rows, out)
+        if spec_png:
+            sections.append(("Specialisation", spec_png, "Route purity: share of first-choice routes that went to "
+                             "their cluster's preferred (noise-free top-1) expert. NMI: mutual information of "
+                             "cluster and expert over the expert entropy (1: the cluster determines the expert)."))
 
     pre = None
     try:

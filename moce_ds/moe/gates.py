@@ -66,6 +66,10 @@ class ClusterGate(nn.Module):
         self.cluster_table.copy_(centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-6) * scale)
         return True
 
+    def cluster_logits(self) -> torch.Tensor:
+        """(C, E) float32 logits of every cluster, without noise: what the gate prefers for each cluster."""
+        return nn.functional.linear(self.cluster_table.float(), self.wg.weight.float())
+
     def image_logits(self, image_clusters: torch.Tensor) -> torch.Tensor:
         """image_clusters: (B,) int64 -> (B, E) float32 logits, with per-image noise in training."""
         emb = self.cluster_table[image_clusters].float()  # (B, d)

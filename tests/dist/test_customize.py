@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from moce_ds.clustering.feature_sources import assign_to_round
 from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import pixel_features
 from moce_ds.customize import customize, load_pretrained
@@ -99,7 +100,7 @@ def test_one_domain_task_picks_the_expert_the_gate_gives_its_clusters(two_rank_r
             gate.wg.weight[:, :4] = 3.0 * torch.eye(4)
     from moce_ds.customize import cluster_histogram, select_experts
 
-    hist = cluster_histogram(pixel_features(x), pre.round.centroids(), spherical=True)
+    hist = cluster_histogram(assign_to_round(pre.round, x), pre.round.k)
     sel = select_experts(pre.model, hist)
     assert sel.chosen == {block: block % 4 for block in pre.model.moe_blocks}
 
