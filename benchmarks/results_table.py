@@ -9,6 +9,7 @@ kept. A benchmark without results yet is listed with the command that produces t
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,12 +128,67 @@ def optimizer_step_section(rows: list[dict]) -> list[str]:
                       f"{1e3 * r['fused_s']:.0f}", f"{r['fused_speedup']:.1f}x faster"] for r in rows])]
 
 
+def specialisation_section(rows: list[dict]) -> list[str]:
+    r0 = rows[0]
+    body = []
+    for r in rows:
+        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731 - over the MoE layers
+        cov = r["coverage"]
+        body.append([r["variant"], " ".join(r["overrides"]) or "(defaults)", f"{mean(r['route_purity']):.2f}",
+                     f"{mean(r['cluster_expert_nmi']):.2f}", f"{mean(r['gate_sharpness']):.2f}",
+                     f"{mean(r['image_cv']):.2f}", f"{r['recon_loss']:.4f}",
+                     " / ".join(f"{100 * cov[t]['per_layer']:.0f}" for t in cov),
+                     " / ".join(f"{100 * cov[t]['path']:.0f}" for t in cov)])
+    tasks = " / ".join(rows[0]["coverage"])
+    return [f"Specialisation after {r0['epochs']} epochs ({r0['steps']} steps, seed {r0['seed']}), run of "
+            f"{r0['time']}; means over the MoE layers; coverage in % per task ({tasks}):", "",
+            *_table(["variant", "overrides", "route purity", "NMI", "max p(e|c)", "image CV", "recon loss",
+                     "coverage per-layer rule", "coverage path rule"], body)]
+
+
+def two_stage_recipe_section(rows: list[dict]) -> list[str]:
+    if str(HERE) not in sys.path:  # the recipe script's own table, imported as a sibling module
+        sys.path.insert(0, str(HERE))
+    from two_stage_recipe import recipe_table
+
+    out: list[str] = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        out += [*recipe_table([r for r in rows if r["variant"] == variant]), ""]
+    return out[:-1]
+
+
+def transfer_section(rows: list[dict]) -> list[str]:
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from transfer import METHODS, PROTOCOLS, summarize
+
+    s = summarize(rows)
+    tasks = [*dict.fromkeys(r["task"] for r in rows), "average"]
+    seeds = sorted({r["seed"] for r in rows})
+    r0 = rows[0]
+    steps = max(r["pretrain_steps"] for r in rows if r["method"] == "mae") if any(
+        r["method"] == "mae" for r in rows) else "?"
+    out = [f"Transfer, run of {r0['time']}: {r0['epochs']} pre-training epochs ({steps} steps) per run, "
+           f"moce_semantic twice that (the MAE's and its own); seeds {seeds}; top-1 % as mean +- 95 % t-interval "
+           f"over seeds (average: of the per-seed task means):"]
+    for p in PROTOCOLS:
+        body = [[m, *(f"{100 * s[m, p, t][0]:.1f} +- {100 * s[m, p, t][1]:.1f}" if (m, p, t) in s else "-"
+                      for t in tasks)] for m in METHODS if any((m, p, t) in s for t in tasks)]
+        if body:
+            out += ["", f"**{p}**", "", *_table(["method", *tasks], body)]
+    return out
+
+
 SECTIONS: list[tuple[str, str, str, Callable[[list[dict]], list[str]]]] = [
     ("moe_layer", "moe_layer", "python benchmarks/moe_layer.py", moe_layer_section),
     ("throughput", "throughput", "python benchmarks/throughput.py", throughput_section),
     ("load_balance", "load_balance", "python benchmarks/load_balance.py", load_balance_section),
     ("scaling", "scaling", "python benchmarks/scaling.py", scaling_section),
     ("optimizer_step", "optimizer_step", "python benchmarks/optimizer_step.py", optimizer_step_section),
+    ("specialisation", "specialisation", "python benchmarks/specialisation.py", specialisation_section),
+    ("transfer", "transfer", "python benchmarks/transfer.py", transfer_section),
+    ("two_stage_recipe", "two_stage_recipe", "python benchmarks/two_stage_recipe.py [--refresh]",
+     two_stage_recipe_section),
 ]
 
 

@@ -150,6 +150,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("moe.capacity_factor and moe.eval_capacity_factor must be > 0.")
     if m.aux_loss_weight < 0 or m.gate_noise_std < 0:
         raise ConfigError("moe.aux_loss_weight and moe.gate_noise_std must be >= 0.")
+    if not m.gate_trainable and m.routing != "cluster":
+        raise ConfigError(f"moe.gate_trainable=false freezes the cluster gates; moe.routing={m.routing} has none: "
+                          f"drop it or use moe.routing=cluster.")
     if m.upcycle_noise < 0:
         raise ConfigError(f"moe.upcycle_noise={m.upcycle_noise} must be >= 0 (0: experts start as exact copies).")
     if m.upcycle_noise and not cfg.model.init_from:

@@ -40,6 +40,7 @@ class MoEConfig:
     drop_tokens: bool = True  # False: dropless (capacity grows to the busiest expert)
     aux_loss_weight: float = 0.01
     gate_noise_std: float = 1.0  # std of the Gaussian noise added to an image's gate logits in training; 0: off
+    gate_trainable: bool = True  # cluster routing: False freezes the gates at their start (e.g. an LPT packing)
     use_rts: bool = False  # token routing only: DeepSpeed's random token selection
     # model.init_from only: Gaussian noise on each expert copy's weights, std = this x the dense weight's std
     # (seeded per layer and global expert id); 0: exact copies (the upcycled model starts equal to the dense one)

@@ -140,6 +140,10 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
         how = init_cluster_tables(model, cfg.cluster.init_table, data.round.centroids(),
                                   data.round.manifest.get("cluster_sizes"), cfg.cluster.lpt_margin, cfg.train.seed)
         log.info("cluster tables start: %s", how)
+    if not cfg.moe.gate_trainable:
+        for _, moe in model.moe_layers():
+            moe.gate.freeze()  # before the optimizer is built: frozen gates get no optimizer state
+        log.info("cluster gates frozen (moe.gate_trainable=false): routing stays as it starts")
     optimizer, scheduler = build_optimizer(
         model, cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, tuple(cfg.train.betas),
         cfg.train.warmup_steps, total_steps)

@@ -68,6 +68,11 @@ class MetricsExporter:
         self.dropped_share = Gauge("moce_dropped_share", "Share of routes dropped over capacity in the last log "
                                    "interval (cluster routing: whole images; token routing: tokens)", ["layer"],
                                    registry=r)
+        self.route_purity = Gauge("moce_route_purity", "Share of the last log interval's first-choice routes that "
+                                  "went to their cluster's preferred (noise-free top-1) expert", ["layer"], registry=r)
+        self.cluster_expert_nmi = Gauge("moce_cluster_expert_nmi", "Mutual information of cluster and expert over "
+                                        "the last log interval, normalised by the expert entropy (1: the cluster "
+                                        "determines the expert)", ["layer"], registry=r)
         # Present only when DeepSpeed's wall_clock_breakdown is on: MOELayer then times its two all-to-alls.
         self.alltoall: Gauge | None = None
         self._server = None
@@ -133,6 +138,9 @@ class MetricsExporter:
                 self.images_routed.labels(**labels).inc(img)
             self.load_cv.labels(layer=layer).set(load_cv(kept))
             self.dropped_share.labels(layer=layer).set(stats["dropped_share"])
+            if "route_purity" in stats:
+                self.route_purity.labels(layer=layer).set(stats["route_purity"])
+                self.cluster_expert_nmi.labels(layer=layer).set(stats["cluster_expert_nmi"])
 
     def close(self) -> None:
         if self._server is not None:

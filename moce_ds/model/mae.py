@@ -129,7 +129,12 @@ class MaskedAutoencoderViT(nn.Module):
         """
         gates = [m.gate for _, m in self.moe_layers()]
         logits = torch.stack([g.image_logits(cluster) for g in gates])  # (L_moe, N, E)
-        return gates[0].plan(logits, tokens_per_image)
+        routes = gates[0].plan(logits, tokens_per_image)
+        with torch.no_grad():  # for the specialisation statistics: each image's noise-free preferred expert
+            for g, layer in zip(gates, routes.layers):
+                layer.clusters, layer.num_clusters = cluster, g.num_clusters
+                layer.preferred = g.cluster_logits().argmax(1)[cluster]  # (N,)
+        return routes
 
     # ------------------------------------------------------------------ pixels
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,11 @@ class ClusterGate(nn.Module):
         self.cluster_table.copy_(centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-6) * scale)
         return True
 
+    def freeze(self) -> None:
+        """Keep the table and ``wg`` as they are (no gradient, so no optimizer state): a fixed cluster -> expert map."""
+        self.cluster_table.requires_grad_(False)
+        self.wg.weight.requires_grad_(False)
+
     def cluster_logits(self) -> torch.Tensor:
         """(C, E) float32 logits of every cluster, without noise: what the gate prefers for each cluster."""
         return nn.functional.linear(self.cluster_table.float(), self.wg.weight.float())

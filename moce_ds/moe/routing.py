@@ -44,6 +44,9 @@ class LayerRoutes:
     num_experts: int
     requested_images: torch.Tensor  # (E,) int64 images asking for each expert (all choices), before capacity
     kept_images: torch.Tensor  # (E,) int64 images each expert keeps
+    clusters: torch.Tensor | None = None  # (B,) int64 each image's cluster, for specialisation statistics
+    preferred: torch.Tensor | None = None  # (B,) int64 the noise-free top-1 expert of each image's cluster
+    num_clusters: int = 0
 
     @property
     def images(self) -> int:
@@ -71,11 +74,19 @@ class LayerRoutes:
     def load(self) -> dict[str, torch.Tensor]:
         """(E,) float64 per-expert load of this step, on the routes' device (no host copy, no sync)."""
         kept = self.kept_images.double()
-        return {
+        out = {
             "tokens_requested": self.requested_tokens().double(),
             "tokens_kept": kept * self.tokens_per_image,
             "images": kept,
         }
+        if self.clusters is not None and self.preferred is not None:
+            # first choices, before capacity: what routing decided, whether or not the buffer had room
+            first = self.experts[0]
+            flat = self.clusters * self.num_experts + first  # (B,) index into the (C, E) table
+            joint = torch.zeros(self.num_clusters * self.num_experts, dtype=torch.float64, device=first.device)
+            out["cluster_expert"] = joint.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+            out["preferred_routes"] = (first == self.preferred).sum().double().reshape(1)
+        return out
 
 
 @dataclass
