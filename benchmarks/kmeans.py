@@ -1,6 +1,16 @@
-"""k-means benchmark (issue 4): assignment throughput against a matmul peak, 1 vs 2 MPI ranks, LPT balance.
+"""k-means benchmark (issues 4, 15): moce-ds's k-means against faiss.Kmeans at ImageNet shape; assignment
+throughput; 1 vs 2 MPI ranks; LPT balance.
 
-    python benchmarks/kmeans.py            # ~1-2 min on 2 cores; appends to results/kmeans.jsonl, draws kmeans.png
+    python benchmarks/kmeans.py                    # ImageNet shape (issue 15), ~5 min on 2 cores, 4 GB of /tmp
+    python benchmarks/kmeans.py --parts assign,mpi,balance   # the issue-4 parts (~1-2 min)
+
+0. Scale (``--parts scale``, the default): ``--rows`` x ``--dim`` synthetic clustered unit-norm float32 rows
+   (1,281,167 x 768 = 3.9 GB, ImageNet-1K) generated into a memory-mapped .npy under /tmp (deleted after), one
+   k-means++ start, then in separate processes from that same start and the same memmap: ``faiss.Kmeans`` (all
+   rows: ``max_points_per_centroid`` raised), moce-ds ``kmeans`` at 1 rank and under ``mpirun -n 2``. Time per
+   iteration, peak RSS per rank (ru_maxrss: resident memmap pages count) and the objective (mean squared distance)
+   of the centroids after ``--iters`` updates, scored exactly by both (faiss.Kmeans's own ``obj`` sums 1.28 M
+   float32 terms in float32 and reads ~1 % high at this size; it is kept in the record as ``objectives``).
 
 1. Assignment (nearest centroid for N rows) through each path -- our torch path (blocked addmm + argmin, what
    ``backend=auto`` picks on CPU), faiss-cpu's IndexFlatL2 with its default OpenMP threads and with 1 thread,
@@ -19,8 +29,10 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,12 +41,119 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moce_ds.clustering.kmeans import assign, kmeans  # noqa: E402
-from moce_ds.clustering.packing import expert_images, lpt_pack  # noqa: E402
+from moce_ds.clustering.kmeans import assign, import_faiss, kmeans, set_threads, unit_rows  # noqa: E402
 from moce_ds.metrics import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MPI_N, MPI_D, MPI_K, MPI_ITERS = 200_000, 64, 256, 10
+
+
+def make_rows(path: Path, n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
+    """Clustered unit rows float32 [n, d] written chunk by chunk into a .npy memmap: k directions + noise of
+    norm ~1 (clusters overlap as real image features do)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    for s in range(0, n, 65536):
+        b = min(65536, n - s)
+        x = centres[rng.integers(0, k, b)] + rng.standard_normal((b, d), dtype=np.float32) / np.sqrt(d)
+        out[s : s + b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.flush()
+    return out
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def engine_worker(engine: str, data: Path, init_path: Path, iters: int, threads: int) -> None:
+    """One engine on the memmap from the given start; prints one JSON line (rank 0 under mpirun)."""
+    from moce_ds.clustering.kmeans import import_faiss, set_threads
+
+    set_threads(threads)
+    x = np.load(data, mmap_mode="r")
+    init = np.load(init_path)
+    n, d = x.shape
+    k = init.shape[0]
+    if engine == "faiss.Kmeans":
+        faiss = import_faiss()
+        km = faiss.Kmeans(d, k, niter=iters, spherical=True, seed=0, max_points_per_centroid=n // k + 1)
+        t = time.perf_counter()
+        km.train(x, init_centroids=init)
+        seconds = time.perf_counter() - t
+        own = (2.0 - 2.0 * np.asarray(km.obj) / n).tolist()  # its obj: float32 sum of inner products per iteration
+        exact = float(assign(x, unit_rows(km.centroids), spherical=True)[1].mean(dtype=np.float64))  # untimed
+        print(json.dumps({"seconds": seconds, "iterations": iters, "objective": exact, "faiss_obj": own,
+                          "peak_rss_gb": [_peak_rss_gb()], "ranks": 1}))
+        return
+    from moce_ds.clustering.comm import LocalComm, MPIComm
+
+    comm = MPIComm() if engine == "mpi" else LocalComm()
+    lo, hi = (np.array_split(np.arange(n + 1), comm.world_size)[comm.rank][[0, -1]] if comm.world_size > 1
+              else (0, n))
+    comm.barrier()
+    t = time.perf_counter()
+    # iters + 1 passes: the last one scores the centroids after ``iters`` updates, as faiss.Kmeans's are scored
+    res = kmeans(x[lo:hi], k, iters=iters + 1, tol=0, spherical=True, init=init, comm=comm)
+    comm.barrier()
+    seconds = time.perf_counter() - t
+    rss = comm.gather(_peak_rss_gb())
+    if comm.rank == 0:
+        print(json.dumps({"seconds": seconds, "iterations": iters + 1, "objective": res.objective[-1],
+                          "objectives": res.objective, "peak_rss_gb": rss, "ranks": comm.world_size,
+                          "backend": res.backend}))
+
+
+def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int]) -> list[dict]:
+    from moce_ds.clustering.kmeans import kmeans_plus_plus
+
+    tmp = Path(tempfile.mkdtemp(prefix="moce_kmeans_bench_", dir="/tmp"))
+    rows = []
+    try:
+        t = time.perf_counter()
+        x = make_rows(tmp / "rows.npy", n, d, k)
+        sample = np.asarray(x[np.sort(np.random.default_rng(1).choice(n, min(n, 20 * k), replace=False))])
+        np.save(tmp / "init.npy", kmeans_plus_plus(sample, k, np.random.default_rng(0)))
+        del x, sample
+        print(f"  {n} x {d} rows ({n * d * 4 / 2**30:.2f} GiB) and a k-means++ start in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        runs = [("faiss.Kmeans", 1, threads), *((("moce-ds kmeans", r, max(1, threads // r))) for r in ranks)]
+        for engine, r, thr in runs:
+            worker = [sys.executable, __file__, "--engine-worker",
+                      "faiss.Kmeans" if engine == "faiss.Kmeans" else "mpi" if r > 1 else "local",
+                      str(tmp / "rows.npy"), str(tmp / "init.npy"), str(iters), str(thr)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(thr), MKL_NUM_THREADS=str(thr))
+            cmd = worker if r == 1 else ["mpirun", "-n", str(r), "--oversubscribe", "--bind-to", "none", *root,
+                                         "-x", "OMP_NUM_THREADS", "-x", "MKL_NUM_THREADS", *worker]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            line = [s for s in out.stdout.splitlines() if s.startswith("{")]
+            if out.returncode or not line:
+                print(f"  {engine} x{r} failed: {out.stderr[-800:]}")
+                continue
+            res = json.loads(line[-1])
+            rows.append({"kind": "scale", "engine": engine, "ranks": r, "threads_per_rank": thr, "n": n, "d": d,
+                         "k": k, "iters": res["iterations"], "seconds": res["seconds"],
+                         "seconds_per_iter": res["seconds"] / res["iterations"],
+                         "objective": res["objective"], "objectives": res.get("objectives", res.get("faiss_obj")),
+                         "peak_rss_gb_per_rank": res["peak_rss_gb"], "rows_gb": n * d * 4 / 2**30,
+                         "backend": res.get("backend", "")})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ref = next((r for r in rows if r["engine"] == "faiss.Kmeans"), None)
+    one = next((r for r in rows if r["engine"] != "faiss.Kmeans" and r["ranks"] == 1), None)
+    for r in rows:
+        r["time_vs_faiss"] = None if ref is None else r["seconds_per_iter"] / ref["seconds_per_iter"]
+        r["objective_vs_faiss"] = None if ref is None else r["objective"] / ref["objective"] - 1.0
+        r["speedup_vs_1_rank"] = None if one is None else one["seconds_per_iter"] / r["seconds_per_iter"]
+        print(f"  {r['engine']:15s} {r['ranks']} rank(s) x {r['threads_per_rank']} thr: "
+              f"{r['seconds_per_iter']:.2f} s/iter ({r['time_vs_faiss']:.2f}x faiss.Kmeans), peak RSS "
+              f"{max(r['peak_rss_gb_per_rank']):.2f} GiB per rank (rows {r['rows_gb']:.2f} GiB), objective "
+              f"{r['objective']:.6f} ({100 * r['objective_vs_faiss']:+.3f} % vs faiss)", flush=True)
+    return rows
 
 
 def best_time(fn, reps: int = 3) -> float:
@@ -48,11 +167,10 @@ def best_time(fn, reps: int = 3) -> float:
 
 
 def assignment(n: int, d: int, k: int, threads: int) -> list[dict]:
-    import faiss
     from sklearn.metrics import pairwise_distances_argmin_min
 
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)  # faiss's OpenMP pool; its bundled OpenBLAS (OpenMP build) follows it
+    faiss = import_faiss()
+    set_threads(threads)  # torch's and faiss's OpenMP pools
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, d), dtype=np.float32)
     c = rng.standard_normal((k, d), dtype=np.float32)
@@ -69,7 +187,8 @@ def assignment(n: int, d: int, k: int, threads: int) -> list[dict]:
         return index.search(x, 1)[1][:, 0]
 
     paths = {
-        "torch (auto on CPU)": lambda: assign(x, c, backend="torch")[0],
+        "moce-ds assign (faiss, chunked)": lambda: assign(x, c)[0],
+        "torch": lambda: assign(x, c, backend="torch")[0],
         "faiss IndexFlatL2": faiss_flat,
         "sklearn pairwise_distances_argmin_min": lambda: pairwise_distances_argmin_min(x, c)[0],
     }
@@ -131,6 +250,7 @@ def balance(seeds: int = 20) -> list[dict]:
     from moce_ds.data.embedded import default_cache_dir
     from moce_ds.data.sidecar import latest_round
     from moce_ds.moe.gates import ClusterGate
+    from moce_ds.moe.packing import expert_images, lpt_pack  # moved there from clustering/ (another change)
 
     cases = []
     rnd = latest_round(default_cache_dir() / "embedded-v1" / "clusters")
@@ -165,16 +285,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    a = [r for r in rows if r["kind"] == "assign"]
-    labels = [f"{r['path']}\nd={r['d']} k={r['k']} {r['threads']} thr" for r in a]
-    axes[0].barh(range(len(a)), [r["fraction_of_peak"] for r in a])
-    axes[0].set_yticks(range(len(a)), labels, fontsize=6)
-    axes[0].axvline(0.7, color="k", ls="--", lw=0.8)
-    axes[0].set_xlabel("assignment throughput / matmul peak (same run)")
-    m = [r for r in rows if r["kind"] == "mpi"]
-    axes[1].bar([f"{r['ranks']} rank x {r['threads_per_rank']} thr" for r in m], [r["seconds"] for r in m])
-    axes[1].set_ylabel("k-means wall time (s)")
+    panels = [kind for kind in ("scale", "assign", "mpi") if any(r["kind"] == kind for r in rows)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        a = [r for r in rows if r["kind"] == kind]
+        if kind == "scale":
+            ax.bar([f"{r['engine']}\n{r['ranks']} rank" for r in a], [r["seconds_per_iter"] for r in a])
+            ax.set_ylabel(f"s / iteration ({a[0]['n']} x {a[0]['d']} -> {a[0]['k']})")
+        elif kind == "assign":
+            ax.barh(range(len(a)), [r["fraction_of_peak"] for r in a])
+            ax.set_yticks(range(len(a)), [f"{r['path']}\nd={r['d']} k={r['k']} {r['threads']} thr" for r in a],
+                          fontsize=6)
+            ax.set_xlabel("assignment throughput / matmul peak (same run)")
+        else:
+            ax.bar([f"{r['ranks']} rank x {r['threads_per_rank']} thr" for r in a], [r["seconds"] for r in a])
+            ax.set_ylabel("k-means wall time (s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -182,24 +309,43 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, default=2, help="threads for the single-process assignment runs")
+    p.add_argument("--engine-worker", nargs=5, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="scale", help="comma list of scale, assign, mpi, balance")
+    p.add_argument("--threads", type=int, default=2, help="threads per process (split over ranks under mpirun)")
+    p.add_argument("--rows", type=int, default=1_281_167)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--ranks", default="1,2", help="moce-ds k-means rank counts for the scale part")
     args = p.parse_args()
     if args.mpi_worker:
         mpi_worker()
         return
+    if args.engine_worker:
+        engine, data, init, iters, threads = args.engine_worker
+        engine_worker(engine, Path(data), Path(init), int(iters), int(threads))
+        return
+    parts = set(args.parts.split(","))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     meta = {"time": stamp, "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "load_avg_start": os.getloadavg()[0]}
+            "faiss": import_faiss().__version__, "load_avg_start": os.getloadavg()[0],
+            "command": "python benchmarks/kmeans.py " + " ".join(sys.argv[1:])}
     rows = []
-    print("assignment throughput:")
-    for threads in (1, args.threads):
-        for n, d, k in ((32768, 768, 256), (65536, 64, 1024)):
-            rows += assignment(n, d, k, threads)
-    print("1 vs 2 ranks (mpirun):")
-    rows += mpi_scaling()
-    print("expert balance at step 0:")
-    rows += balance()
+    if "scale" in parts:
+        print(f"moce-ds kmeans vs faiss.Kmeans, {args.rows} x {args.dim} -> {args.k}, {args.iters} iterations:")
+        rows += scale(args.rows, args.dim, args.k, args.iters, args.threads, [int(r) for r in args.ranks.split(",")])
+    if "assign" in parts:
+        print("assignment throughput:")
+        for threads in (1, args.threads):
+            for n, d, k in ((32768, 768, 256), (65536, 64, 1024)):
+                rows += assignment(n, d, k, threads)
+    if "mpi" in parts:
+        print("1 vs 2 ranks (mpirun):")
+        rows += mpi_scaling()
+    if "balance" in parts:
+        print("expert balance at step 0:")
+        rows += balance()
     meta["load_avg_end"] = os.getloadavg()[0]
     append_jsonl(RESULTS / "kmeans.jsonl", ({**meta, **r} for r in rows))
     plot(rows, RESULTS / "kmeans.png")

@@ -2,10 +2,13 @@
 
     mpirun -n R python launchers/cluster.py --data /data/in1k-shards --k 256 [--features pixel|RUN_DIR|timm:NAME]
     python launchers/cluster.py --data embedded --k 16           # one process
+    python launchers/cluster.py --data /data/in1k-shards --assign-only [--round N]   # new shards, no k-means
 
 As root add --allow-run-as-root to mpirun (and --oversubscribe for more ranks than cores). Each rank featurises
 every R-th shard (cached per shard: a rerun resumes), k-means runs data-parallel over MPI, and rank 0 writes
-<shards>/clusters/round_NNNN/ atomically, its ids matched to the previous round's.
+<shards>/clusters/round_NNNN/ atomically, its ids matched to the previous round's. --assign-only assigns the
+shards added to the manifest since a round to its centroids (featurised by the round's own source, which --features
+must name) and writes a new round with the extended ids; existing images keep theirs.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def _communicator(kind: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="shard folder (with manifest.json), its manifest, or 'embedded'")
-    p.add_argument("--k", type=int, required=True, help="number of clusters (= moe.num_clusters)")
+    p.add_argument("--k", type=int, default=None, help="clusters (= moe.num_clusters); not with --assign-only")
+    p.add_argument("--assign-only", action="store_true", help="assign new shards to a round's centroids, no k-means")
+    p.add_argument("--round", type=int, default=None, help="--assign-only: the round to extend (default: latest)")
     p.add_argument("--features", default="pixel", help="pixel | a pre-training run or checkpoint folder | timm:NAME")
     p.add_argument("--weights", default=None, help="weights file for --features timm:NAME")
     p.add_argument("--iters", type=int, default=25)
@@ -55,19 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="where the embedded set lives (default ~/.cache/moce_ds)")
     p.add_argument("--feature-cache", default=None, help="per-shard feature cache (default <clusters>/features/..)")
     p.add_argument("--no-match", action="store_true", help="do not match ids to the previous round")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch and faiss threads per rank (0: their default)")
     args = p.parse_args(argv)
+    if (args.k is None) != args.assign_only:
+        p.error("pass --k K to cluster, or --assign-only (which keeps the round's k)")
 
     comm = _communicator(args.comm)
     logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {comm.rank}] %(message)s")
     if args.threads:
-        import torch
+        from moce_ds.clustering.kmeans import set_threads
 
-        torch.set_num_threads(args.threads)
-    from moce_ds.clustering.job import run_clustering
+        set_threads(args.threads)
+    from moce_ds.clustering.job import assign_new_shards, run_clustering
 
     try:
+        if args.assign_only:
+            rnd = assign_new_shards(
+                args.data, features=args.features, weights=args.weights, round_number=args.round, out=args.out,
+                cache_dir=args.cache_dir, feature_cache=args.feature_cache, image_size=args.image_size,
+                batch_size=args.batch_size, comm=comm)
+            if comm.rank == 0:
+                print("nothing new to assign" if rnd is None else f"done: round {rnd.round} (k={rnd.k}) at {rnd.path}")
+            return 0
         rnd = run_clustering(
             args.data, args.k, features=args.features, weights=args.weights, iters=args.iters, seed=args.seed,
             spherical=not args.euclidean, tol=args.tol, init_sample=args.init_sample, out=args.out,

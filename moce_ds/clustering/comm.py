@@ -20,6 +20,7 @@ class Communicator(Protocol):
     rank: int
     world_size: int
     name: str
+    local_rank: int  # rank among the processes of this node: the GPU faiss-gpu's index goes to
 
     def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks of a float64 array of the same shape on every rank."""
@@ -36,7 +37,7 @@ class Communicator(Protocol):
 class LocalComm:
     """One process: every collective is the identity."""
 
-    rank, world_size, name = 0, 1, "local"
+    rank, world_size, name, local_rank = 0, 1, "local", 0
 
     def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
         return np.asarray(a, dtype=np.float64)
@@ -62,6 +63,7 @@ class MPIComm:
         self._mpi = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()  # ranks sharing this node's memory
 
     def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
         send = np.ascontiguousarray(a, dtype=np.float64)
@@ -95,6 +97,7 @@ class TorchComm:
         # NCCL reduces device tensors only; gloo reduces CPU tensors
         backend = dist.get_backend()
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.local_rank = torch.cuda.current_device() if torch.cuda.is_available() else self.rank
 
     def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
         t = self._torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(self.device)

@@ -2,7 +2,10 @@
 
 Which features: :mod:`moce_ds.clustering.feature_sources` (the one registry of feature sources).
 :func:`featurize_shards` gives each rank its share of the shards and caches every finished shard as
-``<cache>/<stem>.feats.npy`` [n, d] float32 + ``<stem>.index.npy`` [n] int64 + a done record, so a rerun skips them.
+``<cache>/<stem>.feats.npy`` [n, d] float32 + ``<stem>.index.npy`` [n] int64 + a done record (url, feature
+source, image size, width), so a rerun skips them. One cache folder holds one feature source at one image size:
+a folder with records of another source, image size or width is refused (:func:`check_feature_cache`), never
+mixed into the k-means or silently overwritten.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from moce_ds.data.keys import key_index
 from moce_ds.data.shard_writer import atomic_write_json
 from moce_ds.data.sources import SKIP_MARKER, read_tar_samples
 
-__all__ = ["decode_shard", "featurize_shards"]
+__all__ = ["check_feature_cache", "decode_shard", "featurize_shards"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -87,16 +90,40 @@ def _featurize_one(url: str, extractor: FeatureExtractor, batch_size: int,
     return x, np.asarray(index, np.int64), skipped
 
 
+def check_feature_cache(cache_dir: Path, extractor: FeatureExtractor) -> str | None:
+    """Why the cache folder cannot serve ``extractor`` (a one-line error naming the folder and the fix), or None."""
+    records = sorted((Path(cache_dir) / ".done").glob("*.json"))
+    widths = set()
+    for done in records:
+        rec = json.loads(done.read_text())
+        theirs = (rec.get("source"), rec.get("image_size"))
+        if theirs != (extractor.source, extractor.image_size):
+            return (f"feature cache {cache_dir} holds features of {theirs[0]} at image size {theirs[1]} "
+                    f"({done.name}), not of {extractor.source} at {extractor.image_size}: pass --feature-cache "
+                    f"<an empty or matching folder>, or delete {cache_dir} to recompute.")
+        if rec.get("dim"):
+            widths.add(int(rec["dim"]))
+    if len(widths) > 1:
+        return (f"feature cache {cache_dir} holds features of several widths {sorted(widths)} for one source: "
+                f"delete {cache_dir} to recompute.")
+    return None
+
+
 def featurize_shards(urls: list[str], extractor: FeatureExtractor, cache_dir: Path | None,
                      comm: Communicator | None = None, counts: list[int] | None = None, batch_size: int = 256,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """This rank's shards (every world_size-th of ``urls``) -> features [n, d], global indices [n], skip counts.
 
-    With ``cache_dir``, a shard whose done record names the same feature source is loaded instead of recomputed.
+    With ``cache_dir``, a shard whose done record names the same url is loaded instead of recomputed; a folder of
+    another feature source or image size raises ValueError on every rank (checked on rank 0, before any work).
     """
     comm = comm if comm is not None else LocalComm()
     mine = list(range(comm.rank, len(urls), comm.world_size))
     if cache_dir is not None:
+        err = check_feature_cache(Path(cache_dir), extractor) if comm.rank == 0 else None
+        err = comm.broadcast(err)  # every rank raises, so none waits in a collective
+        if err:
+            raise ValueError(err)
         (Path(cache_dir) / ".done").mkdir(parents=True, exist_ok=True)
     xs, ids, skipped = [], [], {}
     reused = 0
@@ -107,7 +134,7 @@ def featurize_shards(urls: list[str], extractor: FeatureExtractor, cache_dir: Pa
         done = None if cache_dir is None else Path(cache_dir) / ".done" / f"{stem}.json"
         if done is not None and done.is_file():
             rec = json.loads(done.read_text())
-            if rec.get("source") == extractor.source and rec.get("url") == url:
+            if rec.get("url") == url:  # source and image size: checked for the whole folder above
                 xs.append(np.load(Path(cache_dir) / f"{stem}.feats.npy"))
                 ids.append(np.load(Path(cache_dir) / f"{stem}.index.npy"))
                 reused += 1
@@ -122,7 +149,8 @@ def featurize_shards(urls: list[str], extractor: FeatureExtractor, cache_dir: Pa
                 tmp = Path(cache_dir) / f".{name}.tmp-{os.getpid()}.npy"
                 np.save(tmp, arr)
                 os.replace(tmp, Path(cache_dir) / name)  # whole files only; the done record comes last
-            atomic_write_json(done, {"url": url, "source": extractor.source, "num": int(index.shape[0]),
+            atomic_write_json(done, {"url": url, "source": extractor.source, "image_size": extractor.image_size,
+                                     "num": int(index.shape[0]),
                                      "dim": int(x.shape[1]) if x.size else 0, "skipped": sk})
         xs.append(x)
         ids.append(index)

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from moce_ds.clustering.comm import Communicator, LocalComm
-from moce_ds.clustering.feature_sources import make_extractor
+from moce_ds.clustering.feature_sources import FeatureExtractor, make_extractor, round_extractor
 from moce_ds.clustering.features import featurize_shards
-from moce_ds.clustering.kmeans import KMeansResult, kmeans
+from moce_ds.clustering.kmeans import KMeansResult, assign, kmeans, unit_rows
 from moce_ds.clustering.matching import apply_matching, match_by_centroids, match_by_overlap
-from moce_ds.data.sidecar import ClusterRound, latest_round, load_round_at, write_round
+from moce_ds.data.sidecar import ClusterRound, latest_round, load_round, load_round_at, write_round
 from moce_ds.data.sources import resolve_shards
 from moce_ds.metrics.prometheus import write_clustering_textfile
 
-__all__ = ["gather_ids", "run_clustering", "write_matched_round", "PROM_TEXTFILE"]
+__all__ = ["assign_new_shards", "gather_ids", "run_clustering", "write_matched_round", "PROM_TEXTFILE"]
 
 PROM_TEXTFILE = "moce_cluster.prom"  # <clusters root>/moce_cluster.prom: the newest round's result for Prometheus
 
@@ -119,8 +119,7 @@ def run_clustering(
         raise ValueError(f"--k {k} is more clusters than the {sum(counts)} images of {data}: pass --k of at most "
                          f"{sum(counts)} (moe.num_clusters must then match it).")
     extractor = make_extractor(features, weights, image_size)
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor.source)[-100:]
-    cache = Path(feature_cache) if feature_cache is not None else root / "features" / slug
+    cache = Path(feature_cache) if feature_cache is not None else _feature_cache(root, extractor)
     x, index, skipped = featurize_shards(urls, extractor, cache, comm, counts, batch_size, progress)
     t_feat = time.perf_counter() - t0
     d = _common_dim(x, comm)
@@ -149,6 +148,95 @@ def run_clustering(
                                   time.perf_counter() - t0, int((ids >= 0).sum()))
         logger.info("round %d: k=%d over %d images, objective %.5g after %d iterations (%.1f s)", rnd.round, k,
                     int((ids >= 0).sum()), res.objective[-1], len(res.objective), time.perf_counter() - t0)
+    path = comm.broadcast(path)
+    comm.barrier()
+    return load_round_at(Path(path))
+
+
+def _feature_cache(root: Path, extractor: FeatureExtractor) -> Path:
+    """<clusters root>/features/<source as a file name>: the default per-shard feature cache of one source."""
+    return root / "features" / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor.source)[-100:]
+
+
+# round-manifest keys that describe one k-means run, not the centroids an assign-only round inherits
+_RUN_KEYS = ("objective", "iterations", "reseeded", "matched_to", "match_method", "ids_kept_fraction", "seconds",
+             "feature_seconds", "skipped", "ranks", "comm")
+
+
+def assign_new_shards(
+    data: str,
+    features: str = "pixel",
+    weights: str | None = None,
+    round_number: int | None = None,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    feature_cache: Path | None = None,
+    image_size: int = 32,
+    batch_size: int = 256,
+    comm: Communicator | None = None,
+    progress: bool = True,
+) -> ClusterRound | None:
+    """Assign the shards added to the manifest since a round (default: the latest) to its centroids, featurised by
+    the round's own source, and write a new round with the extended ids (ids of existing images unchanged), without
+    k-means. Returns the new round on every rank; None (nothing written) when nothing is new.
+
+    New shards: those past the leading shards whose images the round's table covers (global indices follow the
+    manifest's order). Raises ValueError when ``features`` is not the round's feature source."""
+    comm = comm if comm is not None else LocalComm()
+    urls, counts, root = _resolve_data(data, cache_dir, comm)
+    root = Path(out) if out is not None else root
+    rnd = load_round(root, round_number) if round_number is not None else latest_round(root)
+    if rnd is None:
+        raise ValueError(f"no cluster round under {root} to assign to: run launchers/cluster.py --k K first.")
+    asked = make_extractor(features, weights, image_size).source
+    if asked != rnd.manifest.get("feature_source"):
+        raise ValueError(f"round {rnd.round} was clustered on {rnd.manifest.get('feature_source')}, not --features "
+                         f"{features} ({asked}): pass that round's source, or re-cluster without --assign-only.")
+    table = rnd.ids(mmap=False)  # int32 [num_images]
+    first_new = 0 if counts is None else len(urls)  # without counts every shard is read; only -1 ids change
+    covered = 0
+    for i, c in enumerate(counts or []):
+        if covered + c > table.shape[0]:
+            first_new = i
+            break
+        covered += c
+    new_urls = urls[first_new:]
+    new_counts = counts[first_new:] if counts else None
+    if not new_urls:
+        if comm.rank == 0:
+            logger.info("nothing to assign: round %d covers all %d images of %s", rnd.round, table.shape[0], data)
+        return None
+    extractor = round_extractor(rnd)
+    cache = Path(feature_cache) if feature_cache is not None else _feature_cache(root, extractor)
+    x, index, skipped = featurize_shards(new_urls, extractor, cache, comm, new_counts, batch_size, progress)
+    centroids = rnd.centroids()
+    spherical = bool(rnd.manifest.get("spherical", False))
+    nearest = np.zeros(0, np.int64)
+    if x.size:
+        if x.shape[1] != centroids.shape[1]:
+            raise ValueError(f"features of width {x.shape[1]} do not fit round {rnd.round}'s {centroids.shape[1]}-wide "
+                             f"centroids: the round's feature source {extractor.source} changed; re-cluster.")
+        if spherical:  # assign() takes rows and centroids as unit norm
+            x, centroids = unit_rows(x), unit_rows(centroids)
+        nearest, _ = assign(x, centroids, spherical=spherical)
+    total = sum(counts) if counts else None
+    found = gather_ids(index, nearest, comm, max(total or 0, table.shape[0]))
+    parts = comm.gather(skipped)
+    path = None
+    if comm.rank == 0:
+        skipped = {r: sum(p.get(r, 0) for p in parts) for r in {r for p in parts for r in p}}
+        ids = np.full(found.shape[0], -1, np.int32)
+        ids[: table.shape[0]] = table
+        fill = ids < 0  # only images without an id get one: existing ids never change
+        ids[fill] = found[fill]
+        added = int((fill & (found >= 0)).sum())
+        extra = {key: v for key, v in rnd.manifest.items() if key not in _RUN_KEYS}
+        extra["assign_only"] = {"from_round": rnd.round, "shards": [Path(u).name for u in new_urls],
+                                "images_assigned": added, "skipped": skipped}
+        new = write_round(root, ids, rnd.centroids(), feature_source=rnd.manifest["feature_source"], extra=extra)
+        path = str(new.path)
+        logger.info("round %d: %d images of %d new shards assigned to round %d's centroids", new.round, added,
+                    len(new_urls), rnd.round)
     path = comm.broadcast(path)
     comm.barrier()
     return load_round_at(Path(path))
