@@ -23,6 +23,7 @@ from moce_ds.checkpoints.run_reader import load_pretrained, resolve_checkpoint
 from moce_ds.config import load_config
 from moce_ds.model.registry import MAESpec
 from moce_ds.model.upcycle import DECODER_PREFIXES, check_dense_state
+from moce_ds.moe.policies import routing_policy
 
 __all__ = ["DenseWeights", "read_dense_mae"]
 
@@ -47,7 +48,7 @@ def _read_run(path: Path, source: str) -> tuple[dict[str, torch.Tensor], str]:
         raise ValueError(f"{source}: {e}") from None
     if cfg is None:
         raise ValueError(f"{source} has no config.yaml next to its checkpoints: {_FIX}.")
-    if cfg.moe.routing != "dense":  # checked before loading: a MoE run's experts would be read for nothing
+    if routing_policy(cfg.moe).uses_moe:  # checked before loading: a MoE run's experts would be read for nothing
         raise ValueError(f"{source} is a MoE run (moe.routing={cfg.moe.routing}), not dense: {_FIX}, e.g. a run "
                          f"pre-trained with moe.routing=dense.")
     model = load_pretrained(path).model

@@ -43,7 +43,6 @@ from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from moce_ds.data.sidecar import ClusterRound
-from moce_ds.moe.inference import inference_routing
 
 __all__ = ["FEATURE_KINDS", "ClusterIds", "FeatureExtractor", "FeatureSourceError", "assign_to_round",
            "build_extractor", "checkpoint_spec", "checkpoint_tags_in_use", "encoder_features", "fit_images",
@@ -141,8 +140,9 @@ def parse_features(features: str, weights: str | None = None, image_size: int = 
     if Path(features).exists():
         run_dir, _, tag = resolve_checkpoint(Path(features))
         pre = load_pretrained(Path(features))
-        rnd = pre.round.path if pre.cfg.moe.routing == "cluster" and pre.round is not None else None
-        if pre.cfg.moe.routing == "cluster" and rnd is None:
+        needs_clusters = pre.model.policy.needs_clusters
+        rnd = pre.round.path if needs_clusters and pre.round is not None else None
+        if needs_clusters and rnd is None:
             raise FeatureSourceError(f"checkpoint {features} routes by cluster but its clustering round was not "
                                      f"found: it is needed to route the images it featurises.")
         return checkpoint_spec(run_dir, tag, pre.cfg.model.size, pre.model.spec.img_size, pre.cfg.moe.routing, rnd)
@@ -172,12 +172,12 @@ def _checkpoint(spec: dict) -> FeatureExtractor:
                                  f"longer exists")
     pre = load_pretrained(run, tag, centroids=routing_round)
     model = pre.model
-    ids = ClusterIds(pre.round) if pre.cfg.moe.routing == "cluster" else None
+    ids = ClusterIds(pre.round) if model.policy.needs_clusters else None
     mean, std = tuple(spec.get("mean", IMAGENET_MEAN)), tuple(spec.get("std", IMAGENET_STD))
 
     def fn(images: np.ndarray, index: np.ndarray | None) -> np.ndarray:
         cluster = None if ids is None else torch.from_numpy(ids(images, index))
-        with inference_routing(model):
+        with model.policy.inference(model):
             return encoder_features(model, to_tensor(images, mean, std), cluster).numpy()
 
     source = f"moce_ds:{run.resolve()}@{tag}"

@@ -26,7 +26,7 @@ from moce_ds.clustering.kmeans import kmeans
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from moce_ds.data.sidecar import ClusterRound, load_round_at
-from moce_ds.moe.inference import inference_routing
+from moce_ds.moe.policies import routing_policy
 
 __all__ = ["refresh_due", "refresh_round"]
 
@@ -36,7 +36,7 @@ logger = logging.getLogger("moce_ds")
 def refresh_due(cfg, epoch_done: int) -> bool:
     """After ``epoch_done`` finished epochs (1-based count), is a refresh due?"""
     every = cfg.cluster.refresh_every
-    return bool(every) and cfg.moe.routing == "cluster" and epoch_done % every == 0
+    return bool(every) and routing_policy(cfg.moe).needs_clusters and epoch_done % every == 0
 
 
 def _local_images(urls: list[str], counts: list[int] | None, rank: int, world: int, size: int,
@@ -106,7 +106,7 @@ def refresh_round(cfg, model: torch.nn.Module, urls: list[str], counts: list[int
         if ids.assigned:
             logger.info("refresh: %d images without an id in round %d were assigned to its nearest centroid",
                         ids.assigned, current.round)
-        with inference_routing(model):
+        with routing_policy(cfg.moe).inference(model):
             feats = _encode_lockstep(model, images, cluster, batch, comm, dtype, device)
         run_dir = Path(cfg.output_dir)
         spec = checkpoint_spec(run_dir, f"step{step:08d}", cfg.model.size, model.spec.img_size, cfg.moe.routing,

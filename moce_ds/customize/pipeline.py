@@ -42,7 +42,7 @@ def customize(checkpoint: Path, task: str, out_dir: Path, centroids: Path | None
     pre = load_pretrained(checkpoint, centroids=centroids)
     if pre.round is None:
         raise ValueError(f"no clustering round found for {checkpoint}: pass --centroids <round folder>.")
-    if pre.cfg.moe.routing != "cluster":
+    if not pre.model.policy.needs_clusters:
         raise ValueError(f"task customisation needs a MoCE checkpoint (moe.routing=cluster); {checkpoint} is "
                          f"'{pre.cfg.moe.routing}': evaluate it directly with launchers/evaluate.py.")
     spec = pre.model.spec

@@ -138,7 +138,7 @@ def select_experts(model: MaskedAutoencoderViT, histogram: np.ndarray, rule: str
     DeepSpeed's output is gate value x expert(x); a dense MLP has no gate, so the export multiplies the expert's
     output by a folded gate value.
     """
-    if model.moe_cfg.routing != "cluster":
+    if not model.policy.needs_clusters:
         raise ValueError(f"task customisation needs a MoCE checkpoint (moe.routing=cluster); this one is "
                          f"'{model.moe_cfg.routing}'.")
     if rule not in RULES:

@@ -18,6 +18,7 @@ from typing import Any
 
 from moce_ds.checkpoints.records import LATEST, META, complete_tags, latest_tag, read_meta, verify_tag
 from moce_ds.config.schema import Config
+from moce_ds.moe.policies import routing_policy
 
 __all__ = ["model_signature", "checkpoint_dir", "latest_tag", "complete_tags", "verify_tag", "read_meta",
            "check_resume_compatible", "save_checkpoint", "prune_checkpoints"]
@@ -27,14 +28,7 @@ log = logging.getLogger("moce_ds")
 
 def model_signature(cfg: Config) -> dict[str, Any]:
     """What must match for a checkpoint to load into the model built from `cfg`."""
-    return {
-        "model.size": cfg.model.size,
-        "moe.routing": cfg.moe.routing,
-        "moe.num_experts": cfg.moe.num_experts,
-        "moe.num_clusters": cfg.moe.num_clusters,
-        "moe.layers": cfg.moe.layers,
-        "moe.top_k": cfg.moe.top_k,
-    }
+    return {"model.size": cfg.model.size, **routing_policy(cfg.moe).signature()}
 
 
 def checkpoint_dir(cfg: Config) -> Path:

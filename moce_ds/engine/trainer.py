@@ -21,7 +21,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moce_ds.checkpoints.dense_weights import read_dense_mae
 from moce_ds.clustering.feature_sources import checkpoint_tags_in_use
-from moce_ds.clustering.packing import init_cluster_tables
 from moce_ds.clustering.refresh import refresh_due, refresh_round
 from moce_ds.config import Config, save_config
 from moce_ds.data.loader import make_train_loader
@@ -42,6 +41,7 @@ from moce_ds.engine.watchdog import PeerWatchdog
 from moce_ds.metrics import ExpertLoadMeter, JsonlWriter, setup_logging
 from moce_ds.metrics.prometheus import MetricsExporter
 from moce_ds.model import build_model, get_spec, upcycle_from_dense
+from moce_ds.moe.policies import routing_policy
 
 __all__ = ["PretrainResult", "pretrain", "step_seed", "NonFiniteLossError"]
 
@@ -101,9 +101,9 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
 
     # ---- every check before the first write
     ds = load_ds_config(ds_config_path)
-    uses_moe = cfg.moe.routing != "dense"
-    check_ds_config(ds, uses_moe)
-    ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if uses_moe else 1
+    policy = routing_policy(cfg.moe)
+    check_ds_config(ds, policy.uses_moe)
+    ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if policy.uses_moe else 1
     resume_tag, resume_meta = _check_output_dir(cfg, resume)
     # read and checked here, so a bad model.init_from leaves nothing written; on resume the checkpoint wins
     dense = None if resume or not cfg.model.init_from else read_dense_mae(cfg.model.init_from, get_spec(cfg.model.size))
@@ -136,14 +136,10 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     elif cfg.model.init_from:
         log.info("model.init_from=%s not applied: resuming from checkpoint '%s' instead", cfg.model.init_from,
                  resume_tag)
-    if data.round is not None and cfg.moe.routing == "cluster":
-        how = init_cluster_tables(model, cfg.cluster.init_table, data.round.centroids(),
-                                  data.round.manifest.get("cluster_sizes"), cfg.cluster.lpt_margin, cfg.train.seed)
+    if data.round is not None and policy.needs_clusters:
+        how = policy.init_gates(model, data.round.centroids(), data.round.manifest.get("cluster_sizes"), cfg.cluster,
+                                cfg.train.seed)
         log.info("cluster tables start: %s", how)
-    if not cfg.moe.gate_trainable:
-        for _, moe in model.moe_layers():
-            moe.gate.freeze()  # before the optimizer is built: frozen gates get no optimizer state
-        log.info("cluster gates frozen (moe.gate_trainable=false): routing stays as it starts")
     optimizer, scheduler = build_optimizer(
         model, cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, tuple(cfg.train.betas),
         cfg.train.warmup_steps, total_steps)

@@ -11,6 +11,7 @@ from moce_ds.data.loader import epoch_batches
 from moce_ds.data.sidecar import ClusterRound, check_round_matches, latest_round, load_round
 from moce_ds.data.sources import ShardSource, resolve_shards
 from moce_ds.engine.distributed import DistInfo, barrier, broadcast_object
+from moce_ds.moe.policies import routing_policy
 
 __all__ = ["TrainingData", "epoch_round", "prepare_training_data", "steps_per_epoch"]
 
@@ -74,7 +75,7 @@ def _sharded(cfg: Config) -> TrainingData:
 
 def prepare_training_data(cfg: Config, info: DistInfo) -> TrainingData:
     data = _embedded(cfg, info) if not cfg.data.path else _sharded(cfg)
-    if cfg.moe.routing == "cluster":
+    if routing_policy(cfg.moe).needs_clusters:
         if data.round is None:
             raise ValueError(f"moe.routing=cluster needs cluster ids, and {data.description} has no clustering "
                              f"round: run launchers/cluster.py on it first.")
@@ -103,7 +104,7 @@ def epoch_round(cfg: Config, data: TrainingData, current: ClusterRound | None) -
     its number, so all ranks switch at the same boundary even if their views of the folder differ; each rank then
     loads that round and refuses one whose k does not match the gate table. Without cluster routing: ``current``.
     """
-    if cfg.moe.routing != "cluster" or data.clusters_root is None:
+    if not routing_policy(cfg.moe).needs_clusters or data.clusters_root is None:
         return current
     newest = latest_round(data.clusters_root)
     picked = broadcast_object(None if newest is None else newest.round)  # rank 0's choice on every rank

@@ -16,7 +16,6 @@ from tqdm import tqdm
 from moce_ds.checkpoints.run_reader import load_pretrained
 from moce_ds.customize.export import dense_sidecar, load_dense
 from moce_ds.data.loader import to_tensor
-from moce_ds.moe.inference import inference_routing
 
 __all__ = ["Encoder", "load_encoder", "to_tensor", "extract_features"]
 
@@ -41,13 +40,13 @@ def load_encoder(model: str | Path, checkpoint: Path | None = None) -> Encoder:
         return Encoder(path.stem, vit.patch_embed.img_size[0], vit.forward_features, vit.eval())
     if path.is_dir():
         pre = load_pretrained(path)
-        if pre.cfg.moe.routing == "cluster":
+        if pre.model.policy.needs_clusters:
             raise ValueError(f"{path} is a MoCE run: customise it for the task first (launchers/customize.py) and "
                              f"evaluate the dense export it writes.")
         mae = pre.model
 
         def tokens(x: torch.Tensor) -> torch.Tensor:
-            with inference_routing(mae):  # evaluation routes every token: no capacity drop, no noise
+            with mae.policy.inference(mae):  # evaluation routes every token: no capacity drop, no noise
                 return mae.forward_features(x)
 
         return Encoder(f"{path.name}:{pre.tag}", mae.spec.img_size, tokens, None)

@@ -193,7 +193,7 @@ def _plot_reconstructions(pre, probs: dict[int, np.ndarray], out: Path) -> tuple
         images = np.stack([np.asarray(_resize(im, size)) for im in images])
     x = to_tensor(images)
     cluster, rows = None, {"all images": np.arange(len(images))}
-    if model.moe_cfg.routing == "cluster" and pre.round is not None and probs:
+    if model.policy.needs_clusters and pre.round is not None and probs:
         from moce_ds.clustering.feature_sources import assign_to_round
 
         ids = assign_to_round(pre.round, images)  # held-out images have no id: nearest centroid
@@ -285,7 +285,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         sections.append(("Model", None, f"No checkpoint plots: {e}"))
     if pre is not None:
         probs: dict[int, np.ndarray] = {}
-        if pre.cfg.moe.routing == "cluster" and pre.model.moe_blocks:
+        if pre.model.policy.needs_clusters and pre.model.moe_blocks:
             from moce_ds.customize.selection import gate_probabilities
 
             probs = gate_probabilities(pre.model)

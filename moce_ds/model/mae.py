@@ -19,6 +19,7 @@ from moce_ds.config.schema import MoEConfig
 from moce_ds.model.pos_embed import sincos_pos_embed_2d
 from moce_ds.model.registry import MAESpec
 from moce_ds.moe.layer import MoEMlp
+from moce_ds.moe.policies import routing_policy
 from moce_ds.moe.routing import ImageRoutes, LayerRoutes
 
 __all__ = ["MAEOutput", "MaskedAutoencoderViT", "RoutedBlock", "moe_block_ids", "init_local_experts"]
@@ -44,14 +45,8 @@ class RoutedBlock(Block):
 
 
 def moe_block_ids(depth: int, moe: MoEConfig) -> list[int]:
-    """Encoder blocks whose MLP is a MoE: the configured list, or every other block (1, 3, 5, ...)."""
-    if moe.routing == "dense":
-        return []
-    ids = list(range(1, depth, 2)) if moe.layers is None else sorted(set(moe.layers))
-    bad = [i for i in ids if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"moe.layers={moe.layers} names blocks {bad} outside the encoder's 0..{depth - 1}.")
-    return ids
+    """Encoder blocks whose MLP is a MoE (the routing policy decides: none for dense)."""
+    return routing_policy(moe).moe_blocks(depth)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -70,7 +65,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed sin-cos embeddings: a buffer, so no optimizer state and no "unused parameter".
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid).unsqueeze(0))
-        self.moe_blocks = moe_block_ids(spec.depth, moe)
+        self.policy = routing_policy(moe)  # the one owner of what moe.routing means
+        self.moe_blocks = self.policy.moe_blocks(spec.depth)
         moe_mlp = functools.partial(
             MoEMlp, routing=moe.routing, num_experts=moe.num_experts, ep_size=ep_size, top_k=moe.top_k,
             num_clusters=moe.num_clusters, capacity_factor=moe.capacity_factor,
@@ -121,20 +117,11 @@ class MaskedAutoencoderViT(nn.Module):
         losses = [m.l_aux for _, m in self.moe_layers() if m.l_aux is not None]
         return torch.stack(losses).sum() if losses else self.cls_token.new_zeros(())
 
-    def route_images(self, cluster: torch.Tensor, tokens_per_image: int) -> ImageRoutes:
-        """cluster (N,) -> the routes of every cluster-routed MoE layer for this step, planned at once.
-
-        One (N, E) logit row per layer, one vectorised top-k + capacity pass, and (with expert
-        parallelism) one collective for all layers, before any block runs.
-        """
-        gates = [m.gate for _, m in self.moe_layers()]
-        logits = torch.stack([g.image_logits(cluster) for g in gates])  # (L_moe, N, E)
-        routes = gates[0].plan(logits, tokens_per_image)
-        with torch.no_grad():  # for the specialisation statistics: each image's noise-free preferred expert
-            for g, layer in zip(gates, routes.layers):
-                layer.clusters, layer.num_clusters = cluster, g.num_clusters
-                layer.preferred = g.cluster_logits().argmax(1)[cluster]  # (N,)
-        return routes
+    def route_images(self, cluster: torch.Tensor, tokens_per_image: int) -> ImageRoutes | None:
+        """cluster (N,) -> the routes of every MoE layer for this step, planned at once by the routing policy
+        (one (N, E) logit row per layer, one vectorised top-k + capacity pass and, with expert parallelism, one
+        collective for all layers, before any block runs); None when the layers route by themselves."""
+        return self.policy.plan(self, cluster, tokens_per_image)
 
     # ------------------------------------------------------------------ pixels
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -174,20 +161,9 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_clusters(self, cluster: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if self.moe_cfg.routing != "cluster" or not self.moe_blocks:
+        if not self.moe_blocks:
             return None
-        if cluster is None:
-            raise ValueError("moe.routing=cluster needs a cluster id per image; the batch has none.")
-        if cluster.shape != (batch,):
-            raise ValueError(f"cluster ids must have shape ({batch},), got {tuple(cluster.shape)}.")
-        lo, hi = torch.stack(torch.aminmax(cluster)).tolist()  # one host sync per forward, not two
-        if lo < 0 or hi >= self.moe_cfg.num_clusters:
-            raise ValueError(
-                f"cluster id {hi if hi >= self.moe_cfg.num_clusters else lo} is outside the gate's table of "
-                f"{self.moe_cfg.num_clusters} clusters: set moe.num_clusters to the clustering round's k "
-                f"or re-cluster with k={self.moe_cfg.num_clusters}."
-            )
-        return cluster.long()
+        return self.policy.check_clusters(cluster, batch)
 
     def forward_encoder(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
         """imgs (N, 3, H, W), cluster (N,) -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
@@ -203,7 +179,8 @@ class MaskedAutoencoderViT(nn.Module):
         cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         # block index -> its MoE layer's routes for this step (cluster routing only)
-        routes = {} if cluster is None else dict(zip(self.moe_blocks, self.route_images(cluster, x.shape[1]).layers))
+        plan = None if cluster is None else self.route_images(cluster, x.shape[1])
+        routes = {} if plan is None else dict(zip(self.moe_blocks, plan.layers))
         for i, blk in enumerate(self.blocks):
             x = blk(x, routes.get(i))
         return self.norm(x), mask, ids_restore

@@ -12,8 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
-from moce_ds.moe.layer import MoEMlp
+from deepspeed.moe.layer import MoE
 
 __all__ = ["inference_routing"]
 
@@ -21,7 +20,7 @@ __all__ = ["inference_routing"]
 @contextlib.contextmanager
 def inference_routing(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``with inference_routing(model):`` eval mode and dropless MoE layers; both restored on exit."""
-    gates = [m.gate for m in model.modules() if isinstance(m, MoEMlp)]
+    gates = [m.deepspeed_moe.gate for m in model.modules() if isinstance(m, MoE)]  # DeepSpeed's own class: no loop
     saved = [g.drop_tokens for g in gates]
     was_training = model.training
     model.eval()

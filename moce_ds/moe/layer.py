@@ -15,8 +15,9 @@ from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import nn
 
+from moce_ds.config.schema import MoEConfig
 from moce_ds.moe.balance import layer_load
-from moce_ds.moe.gates import ClusterGate, RecordingTokenGate
+from moce_ds.moe.policies import ROUTING_POLICIES
 from moce_ds.moe.routing import LayerRoutes
 
 __all__ = ["MoEMlp", "PackedExperts"]
@@ -81,8 +82,10 @@ class MoEMlp(MoE):
         drop: float = 0.0,
         **_: object,  # timm passes norm_layer/device/dtype; an MoE MLP uses none of them
     ) -> None:
-        if routing not in ("token", "cluster"):
-            raise ValueError(f"MoEMlp routing must be 'token' or 'cluster', got '{routing}'.")
+        policy_cls = ROUTING_POLICIES.get(routing)
+        if policy_cls is None or not policy_cls.uses_moe:
+            moe_routings = [n for n, c in ROUTING_POLICIES.items() if c.uses_moe]
+            raise ValueError(f"MoEMlp routing must be one of {moe_routings}, got '{routing}'.")
         expert = Mlp(in_features, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
         super().__init__(
             hidden_size=in_features,
@@ -97,17 +100,12 @@ class MoEMlp(MoE):
             use_rts=use_rts,
         )
         self.routing = routing
-        if routing == "cluster":
-            gate: nn.Module = ClusterGate(
-                num_clusters, in_features, num_experts, top_k, capacity_factor, eval_capacity_factor,
-                min_capacity, drop_tokens, gate_noise_std,
-            )
-        else:
-            gate = RecordingTokenGate(
-                in_features, num_experts, top_k, capacity_factor, eval_capacity_factor, min_capacity,
-                None, drop_tokens, use_rts=use_rts,
-            )
-        self.deepspeed_moe.gate = gate
+        self.routes_by_image = policy_cls.routes_by_image
+        settings = MoEConfig(routing=routing, num_experts=num_experts, top_k=top_k, num_clusters=num_clusters,
+                             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                             min_capacity=min_capacity, drop_tokens=drop_tokens, gate_noise_std=gate_noise_std,
+                             use_rts=use_rts)
+        self.deepspeed_moe.gate = policy_cls(settings).make_gate(in_features)
         # Same parameter names and expert-group tags as DeepSpeed's Experts, so checkpoints and ZeRO see no change.
         self.deepspeed_moe.experts = PackedExperts(expert, self.num_local_experts, self.expert_group_name)
         self.l_aux: torch.Tensor | None = None
@@ -120,7 +118,7 @@ class MoEMlp(MoE):
 
     def forward(self, x: torch.Tensor, routes: LayerRoutes | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """x: (B, T, d); routes: this layer's planned `LayerRoutes`, or cluster ids (B,) / (B, T) to plan alone."""
-        if self.routing == "cluster":
+        if self.routes_by_image:
             if not isinstance(routes, LayerRoutes):
                 routes = self.plan_alone(routes, x.shape[1])
             self.deepspeed_moe.experts.filled = [[n * routes.tokens_per_image for n in row]

@@ -8,10 +8,10 @@ import torch
 
 from moce_ds.clustering.job import run_clustering
 from moce_ds.clustering.matching import apply_matching, match_by_centroids, match_by_overlap
-from moce_ds.clustering.packing import expert_images, init_cluster_tables, lpt_pack, route_clusters_to_experts
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import write_shards
 from moce_ds.moe.gates import ClusterGate
+from moce_ds.moe.packing import expert_images, init_cluster_tables, lpt_pack, route_clusters_to_experts
 
 
 def test_permuted_centroids_map_back_to_old_ids():

@@ -59,9 +59,9 @@ def test_one_forward_reports_purity_from_the_routes_it_took(noise):
 
 
 def test_frozen_gates_get_no_optimizer_state_and_keep_routing():
-    from moce_ds.clustering.packing import init_cluster_tables
     from moce_ds.config import ConfigError
     from moce_ds.engine.schedule import param_groups
+    from moce_ds.moe.packing import init_cluster_tables
 
     model = _moce(0.0)
     init_cluster_tables(model, "lpt", None, [5, 4, 3, 3, 2, 2, 1, 1], 4.0, 0)

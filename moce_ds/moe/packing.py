@@ -15,6 +15,8 @@ import logging
 import numpy as np
 import torch
 
+from moce_ds.moe.gates import ClusterGate
+
 __all__ = ["expert_images", "init_cluster_tables", "lpt_pack", "route_clusters_to_experts"]
 
 logger = logging.getLogger("moce_ds")
@@ -72,7 +74,7 @@ def init_cluster_tables(model: torch.nn.Module, init_table: str, centroids: np.n
     table (else random); ``lpt``: route each cluster to its LPT-packed expert (needs the round's cluster sizes).
     Deterministic in ``seed``, so every rank builds the same shared gate weights.
     """
-    gates = [m.gate for _, m in model.moe_layers() if hasattr(m.gate, "cluster_table")]
+    gates = [m.gate for _, m in model.moe_layers() if isinstance(m.gate, ClusterGate)]
     if not gates or init_table == "random":
         return "random"
     if init_table == "centroids":
