@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from moce_ds.metrics import setup_logging
-    from moce_ds.metrics.report import build_report
+    from moce_ds.report import build_report
 
     log = setup_logging(None, 0)
     try:

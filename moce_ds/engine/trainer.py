@@ -184,7 +184,7 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
 
 
 def _write_report(run_dir: Path) -> None:
-    from moce_ds.metrics.report import build_report  # matplotlib: imported only when a report is due
+    from moce_ds.report import build_report  # matplotlib: imported only when a report is due
 
     try:
         path = build_report(run_dir)

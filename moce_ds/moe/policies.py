@@ -11,6 +11,7 @@ behind one constructor that rejects unknown names (Tutel's gate registry is the 
 - the gates' start (MoCE: the round's centroids or an LPT packing, optionally frozen);
 - the checkpoint signature keys that must match on resume.
 
+``model`` arguments are the MAE (anything with ``moe_layers()``); moe/ sits below model/, so it is not imported.
 A fourth routing (hash routing, expert choice) is one new class here with ``@register_policy`` (and its gate).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,9 +30,6 @@ from moce_ds.moe.gates import ClusterGate, RecordingTokenGate
 from moce_ds.moe.inference import inference_routing
 from moce_ds.moe.packing import init_cluster_tables
 from moce_ds.moe.routing import ImageRoutes
-
-if TYPE_CHECKING:  # the model module imports this one
-    from moce_ds.model.mae import MaskedAutoencoderViT
 
 __all__ = ["ROUTING_POLICIES", "RoutingPolicy", "register_policy", "routing_policy"]
 
@@ -73,7 +71,7 @@ class RoutingPolicy:
         """The batch's cluster ids as the layers need them (None when the routing does not use them)."""
         return None
 
-    def plan(self, model: MaskedAutoencoderViT, cluster: torch.Tensor | None,
+    def plan(self, model: nn.Module, cluster: torch.Tensor | None,
              tokens_per_image: int) -> ImageRoutes | None:
         """Every MoE layer's routes for this step, in block order (None: the layers route by themselves)."""
         return None
@@ -85,7 +83,7 @@ class RoutingPolicy:
         with inference_routing(model):
             yield model
 
-    def init_gates(self, model: MaskedAutoencoderViT, centroids: np.ndarray | None, cluster_sizes: list[int] | None,
+    def init_gates(self, model: nn.Module, centroids: np.ndarray | None, cluster_sizes: list[int] | None,
                    cluster: ClusterConfig, seed: int) -> str:
         """Start the gates before the optimizer is built; returns what was done, for the log."""
         return "none"
@@ -142,7 +140,7 @@ class ClusterPolicy(RoutingPolicy):
             )
         return cluster.long()
 
-    def plan(self, model: MaskedAutoencoderViT, cluster: torch.Tensor | None,
+    def plan(self, model: nn.Module, cluster: torch.Tensor | None,
              tokens_per_image: int) -> ImageRoutes | None:
         """cluster (N,) -> every layer's image routes: one (N, E) logit row per layer, one vectorised top-k +
         capacity pass, and (with expert parallelism) one collective for all layers, before any block runs."""
@@ -155,7 +153,7 @@ class ClusterPolicy(RoutingPolicy):
                 layer.preferred = g.cluster_logits().argmax(1)[cluster]  # (N,)
         return routes
 
-    def init_gates(self, model: MaskedAutoencoderViT, centroids: np.ndarray | None, cluster_sizes: list[int] | None,
+    def init_gates(self, model: nn.Module, centroids: np.ndarray | None, cluster_sizes: list[int] | None,
                    cluster: ClusterConfig, seed: int) -> str:
         how = init_cluster_tables(model, cluster.init_table, centroids, cluster_sizes, cluster.lpt_margin, seed)
         if not self.cfg.gate_trainable:

@@ -9,8 +9,8 @@ import torch
 
 from moce_ds.config import load_config
 from moce_ds.evaluation.encoders import to_tensor
-from moce_ds.metrics.report import build_report, reconstruct, to_pixels
 from moce_ds.model import build_model
+from moce_ds.report import build_report, reconstruct, to_pixels
 
 
 def test_to_pixels_undoes_the_imagenet_normalisation() -> None:
