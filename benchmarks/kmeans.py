@@ -48,6 +48,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MPI_N, MPI_D, MPI_K, MPI_ITERS = 200_000, 64, 256, 10
 
 
+
+def _run_json(cmd: list[str], env: dict, timeout: int, label: str) -> dict | None:
+    """Run a worker command; its last stdout line starting with '{' is its result (None, reported, on failure)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    line = [s for s in out.stdout.splitlines() if s.startswith("{")]
+    if out.returncode or not line:
+        print(f"  {label} failed: {out.stderr[-800:]}")
+        return None
+    return json.loads(line[-1])
+
 def make_rows(path: Path, n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
     """Clustered unit rows float32 [n, d] written chunk by chunk into a .npy memmap: k directions + noise of
     norm ~1 (clusters overlap as real image features do)."""
@@ -129,12 +139,9 @@ def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int]) ->
             env = dict(os.environ, OMP_NUM_THREADS=str(thr), MKL_NUM_THREADS=str(thr))
             cmd = worker if r == 1 else ["mpirun", "-n", str(r), "--oversubscribe", "--bind-to", "none", *root,
                                          "-x", "OMP_NUM_THREADS", "-x", "MKL_NUM_THREADS", *worker]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            line = [s for s in out.stdout.splitlines() if s.startswith("{")]
-            if out.returncode or not line:
-                print(f"  {engine} x{r} failed: {out.stderr[-800:]}")
+            res = _run_json(cmd, env, 1800, f"{engine} x{r}")
+            if res is None:
                 continue
-            res = json.loads(line[-1])
             rows.append({"kind": "scale", "engine": engine, "ranks": r, "threads_per_rank": thr, "n": n, "d": d,
                          "k": k, "iters": res["iterations"], "seconds": res["seconds"],
                          "seconds_per_iter": res["seconds"] / res["iterations"],
@@ -230,12 +237,9 @@ def mpi_scaling() -> list[dict]:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *root, "-x", "OMP_NUM_THREADS",
                "-x", "MKL_NUM_THREADS", sys.executable, __file__, "--mpi-worker"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        line = [s for s in out.stdout.splitlines() if s.startswith("{")]
-        if out.returncode or not line:
-            print(f"  mpirun -n {ranks} failed: {out.stderr[-500:]}")
+        r = _run_json(cmd, env, 300, f"mpirun -n {ranks}")
+        if r is None:
             continue
-        r = json.loads(line[-1])
         rows.append({"kind": "mpi", "ranks": ranks, "threads_per_rank": threads, "n": MPI_N, "d": MPI_D, "k": MPI_K,
                      "iters": MPI_ITERS, **r})
         print(f"  k-means n={MPI_N} d={MPI_D} k={MPI_K} x{MPI_ITERS} iters: {ranks} rank(s) x {threads} thread(s): "
