@@ -30,28 +30,24 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from harness import RESULTS, cv, figure, run_command, save_figure, write_results
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from moce_ds.clustering.kmeans import assign, import_faiss, kmeans, set_threads, unit_rows
 
-from moce_ds.clustering.kmeans import assign, import_faiss, kmeans, set_threads, unit_rows  # noqa: E402
-from moce_ds.metrics import append_jsonl  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 MPI_N, MPI_D, MPI_K, MPI_ITERS = 200_000, 64, 256, 10
 
 
 
 def _run_json(cmd: list[str], env: dict, timeout: int, label: str) -> dict | None:
     """Run a worker command; its last stdout line starting with '{' is its result (None, reported, on failure)."""
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    out, _ = run_command(cmd, env=env, timeout=timeout, check=False)
     line = [s for s in out.stdout.splitlines() if s.startswith("{")]
     if out.returncode or not line:
         print(f"  {label} failed: {out.stderr[-800:]}")
@@ -265,7 +261,6 @@ def balance(seeds: int = 20) -> list[dict]:
         np.int64), 8, 768))
     rows = []
     for name, sizes, experts, width in cases:
-        cv = lambda v: float(v.std() / v.mean())  # noqa: E731
         rand = []
         for s in range(seeds):
             torch.manual_seed(s)
@@ -284,15 +279,10 @@ def balance(seeds: int = 20) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [kind for kind in ("scale", "assign", "mpi") if any(r["kind"] == kind for r in rows)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = figure(len(panels), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         a = [r for r in rows if r["kind"] == kind]
         if kind == "scale":
@@ -306,8 +296,7 @@ def plot(rows: list[dict], path: Path) -> None:
         else:
             ax.bar([f"{r['ranks']} rank x {r['threads_per_rank']} thr" for r in a], [r["seconds"] for r in a])
             ax.set_ylabel("k-means wall time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -351,7 +340,7 @@ def main() -> None:
         print("expert balance at step 0:")
         rows += balance()
     meta["load_avg_end"] = os.getloadavg()[0]
-    append_jsonl(RESULTS / "kmeans.jsonl", ({**meta, **r} for r in rows))
+    write_results(({**meta, **r} for r in rows), "kmeans")
     plot(rows, RESULTS / "kmeans.png")
     print(f"wrote {RESULTS / 'kmeans.jsonl'} and kmeans.png")
 

@@ -25,21 +25,15 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from harness import RESULTS, ROOT, cv, figure, run_deepspeed, save_figure, write_results
 
-import numpy as np  # noqa: E402
+from moce_ds.metrics import read_jsonl
 
-from moce_ds.engine.distributed import free_port  # noqa: E402
-from moce_ds.metrics import append_jsonl, read_jsonl  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET = 1.2  # MoCE image CV / sampling floor, with the auxiliary loss on
 
 # name -> dotted overrides; everything else is the config default
@@ -55,24 +49,16 @@ def pretrain(run: Path, overrides: list[str], steps: int, cache_dir: str) -> dic
     """One single-rank pre-training run through the deepspeed launcher; returns its wall time and exit status."""
     if run.exists():
         shutil.rmtree(run)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           "launchers/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json",
-           f"output_dir={run}", f"train.max_steps={steps}", "train.log_every=1", "data.num_workers=1",
-           "metrics.enabled=false", "metrics.report=false",  # no exporter port, no report: the jsonl is enough
-           *([f"data.cache_dir={cache_dir}"] if cache_dir else []), *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    args = ["--deepspeed_config", "ds_configs/zero2.json", f"output_dir={run}", f"train.max_steps={steps}",
+            "train.log_every=1", "data.num_workers=1",
+            "metrics.enabled=false", "metrics.report=false",  # no exporter port, no report: the jsonl is enough
+            *([f"data.cache_dir={cache_dir}"] if cache_dir else []), *overrides]
+    proc, wall = run_deepspeed("launchers/pretrain.py", args, ranks=1, check=False)
     if proc.returncode != 0:
         print(f"  {run.name} failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}", flush=True)
     else:
         print(f"  pre-trained {run.name} in {wall:.0f} s", flush=True)
-    return {"rc": proc.returncode, "wall_s": wall, "command": " ".join(cmd[2:])}
-
-
-def _cv(x: np.ndarray) -> float:
-    m = x.mean()
-    return float(x.std() / m) if m > 0 else float("nan")
+    return {"rc": proc.returncode, "wall_s": wall, "command": " ".join(map(str, proc.args[2:]))}
 
 
 def step_stats(rec: dict, layer: str) -> dict:
@@ -84,8 +70,8 @@ def step_stats(rec: dict, layer: str) -> dict:
     e = images.shape[0]
     return {
         "step": rec["step"],
-        "cv_images": _cv(images), "floor_images": float(np.sqrt((e - 1) / rec["images"])),
-        "cv_tokens": _cv(kept), "cv_tokens_requested": _cv(requested),
+        "cv_images": cv(images), "floor_images": float(np.sqrt((e - 1) / rec["images"])),
+        "cv_tokens": cv(kept), "cv_tokens_requested": cv(requested),
         "floor_tokens": float(np.sqrt((e - 1) / requested.sum())),
         "max_mean_images": float(images.max() / images.mean()), "max_mean_tokens": float(kept.max() / kept.mean()),
         "max_mean_tokens_requested": float(requested.max() / requested.mean()),
@@ -114,7 +100,7 @@ def summarise_layer(steps: list[dict], routing: str) -> dict:
         # whole-half totals: separates a systematic skew (an expert always heavier) from per-step sampling noise
         "share_images": (totals["images"] / totals["images"].sum()).tolist(),
         "share_tokens": (totals["tokens"] / totals["tokens"].sum()).tolist(),
-        "cv_images_total": _cv(totals["images"]), "cv_tokens_total": _cv(totals["tokens"]),
+        "cv_images_total": cv(totals["images"]), "cv_tokens_total": cv(totals["tokens"]),
     }
     out["ratio_images"] = out["cv_images_rms"] / out["floor_images"]
     out["ratio_tokens"] = out["cv_tokens_rms"] / out["floor_tokens"]
@@ -183,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["target_ratio"] = TARGET
                 summary["within_target"] = summary["ratio"] <= TARGET
             records.append(dict(common, kind="summary", command=info["command"], **summary))
-    append_jsonl(args.out, records)
+    write_results(records, path=args.out)
     _table(records)
     if curves:
         _plot(curves, layer_recs, run, args.out.with_suffix(".png"))
@@ -206,12 +192,7 @@ def _table(records: list[dict]) -> None:
 
 
 def _plot(curves: dict[str, dict], layer_recs: dict[str, dict], run: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b) = figure(2, panel=(5.5, 3.8))
     for i, (name, c) in enumerate(curves.items()):
         r = np.asarray(c["ratio"])
         w = min(10, len(r))
@@ -241,9 +222,7 @@ def _plot(curves: dict[str, dict], layer_recs: dict[str, dict], run: dict, path:
     b.set_ylabel("share of the second half")
     b.set_title("kept share: MoCE images, TokenMoE tokens (whisker: layer min-max)", fontsize=9)
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

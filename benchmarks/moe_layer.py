@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, save_figure, write_results
 from timm.layers import Mlp
 
 from moce_ds.moe import MoEMlp
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASE = dict(width=384, experts=8, images=64)
 SWEEPS = {"width": [192, 384, 768], "experts": [4, 8, 16], "images": [16, 64, 128]}
 NUM_CLUSTERS = 256
@@ -119,12 +119,7 @@ def measure(tokens: int, rounds: int, threads: int) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = figure(4, panel=(4.25, 3.8))
     for ax, sweep in zip(axes[:3], SWEEPS):
         rs = [r for r in rows if r["sweep"] == sweep]
         xs = [r[sweep] for r in rs]
@@ -151,8 +146,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[3].legend(fontsize=8)
     fig.suptitle(f"One MoE layer, top-1, capacity 1.25, {rows[0]['tokens_per_image']} tokens per image, "
                  f"{rows[0]['threads']} thread(s); base d={BASE['width']}, E={BASE['experts']}, B={BASE['images']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -162,10 +156,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    from moce_ds.metrics import append_jsonl
-
     rows = measure(args.tokens, args.rounds, args.threads)
-    append_jsonl(args.out / "moe_layer.jsonl", rows)
+    write_results(rows, path=args.out / "moe_layer.jsonl")
     plot(rows, args.out / "moe_layer.png")
     print(f"wrote {args.out / 'moe_layer.jsonl'} and moe_layer.png")
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, save_figure, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("default", "foreach", "fused")
 
 
@@ -43,8 +43,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from moce_ds.metrics import append_jsonl
-
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
     for n in args.sizes:
@@ -54,14 +52,9 @@ def main() -> None:
         rows.append(row)
         print(f"{n / 1e6:.0f} M params: " + "  ".join(f"{m} {1e3 * v:.0f} ms" for m, v in t.items())
               + f"  fused {row['fused_speedup']:.1f}x faster than default", flush=True)
-    append_jsonl(args.out / "optimizer_step.jsonl", rows)
+    write_results(rows, path=args.out / "optimizer_step.jsonl")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(panel=(6, 3.5))
     width = 0.8 / len(MODES)
     for i, m in enumerate(MODES):
         ax.bar([x + i * width for x in range(len(rows))], [1e3 * r[f"{m}_s"] for r in rows], width, label=m)
@@ -69,8 +62,7 @@ def main() -> None:
     ax.set_ylabel("ms per AdamW step")
     ax.set_title(f"torch.optim.AdamW on one flat fp32 tensor, {args.threads} thread(s)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "optimizer_step.png", dpi=110)
+    save_figure(fig, args.out / "optimizer_step.png")
     print(f"wrote {args.out / 'optimizer_step.jsonl'} and optimizer_step.png")
 
 

@@ -62,16 +62,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import throughput  # noqa: E402  (benchmarks/throughput.py: the launcher and geometry of the measured runs)
+import throughput  # benchmarks/throughput.py: the launcher and geometry of the measured runs
+from harness import RESULTS, figure, save_figure, write_results
 
-RESULTS = HERE / "results"
 GB = 1e9
 
 FORMULAS = {
@@ -352,12 +349,7 @@ def print_tables(measured: list[dict], model: list[dict]) -> None:
 
 
 def plot(measured: list[dict], model: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax1, ax2) = figure(2, panel=(6.5, 5.2))
     if measured:
         xs = [r["ranks"] for r in measured]
         ax1.plot(xs, [r["images_per_s"] for r in measured], "o-", label="measured (MoCE)")
@@ -402,8 +394,7 @@ def plot(measured: list[dict], model: list[dict], path: Path) -> None:
                   f"{m0['compute_flop_per_s'] / 1e12:.0f} TFLOP/s ({source}), NVLink {lk['nvlink_gbs']:.0f} GB/s, "
                   f"IB {lk['ib_gbs']:.0f} GB/s, alpha {lk['alpha_intra_us']:.0f}/{lk['alpha_inter_us']:.0f} us",
                   fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -439,8 +430,6 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H200 bf16 dense")
     p.add_argument("--mfu", type=float, default=0.40)
     args = ap.parse_args()
-    from moce_ds.metrics import append_jsonl
-
     t0 = time.perf_counter()
     stamp = time.strftime("%Y-%m-%d %H:%M")
     if args.skip_measure:
@@ -453,7 +442,7 @@ def main() -> None:
     model = modelled(args, measured, stamp)
     print_tables(measured, model)
     # reused rows are already on disk where they came from
-    append_jsonl(args.out / "scaling.jsonl", ([] if args.skip_measure else measured) + model)
+    write_results(path=args.out / "scaling.jsonl", records= ([] if args.skip_measure else measured) + model)
     plot(measured, model, args.out / "scaling.png")
     print(f"\nwrote {args.out / 'scaling.jsonl'} and scaling.png in {time.perf_counter() - t0:.0f} s")
 

@@ -15,23 +15,19 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from harness import RESULTS, ROOT, figure, save_figure, write_results
+from harness import cv as images_cv
+from transfer import pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from transfer import pretrain  # noqa: E402
-
-from moce_ds.checkpoints import load_pretrained  # noqa: E402
-from moce_ds.clustering.feature_sources import assign_to_round  # noqa: E402
-from moce_ds.customize.selection import cluster_histogram, gate_probabilities, select_experts  # noqa: E402
-from moce_ds.customize.task_data import load_task_data  # noqa: E402
-from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks  # noqa: E402
-from moce_ds.metrics import append_jsonl, read_jsonl  # noqa: E402
+from moce_ds.checkpoints import load_pretrained
+from moce_ds.clustering.feature_sources import assign_to_round
+from moce_ds.customize.selection import cluster_histogram, gate_probabilities, select_experts
+from moce_ds.customize.task_data import load_task_data
+from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks
+from moce_ds.metrics import read_jsonl
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -50,7 +46,7 @@ def measure(run: Path, cache: Path) -> dict:
     cv = {}
     for layer in last:
         imgs = np.array([r["expert_load"][layer]["images"] for r in half], np.float64)  # (T, E)
-        cv[layer] = float(np.mean(imgs.std(1) / np.maximum(imgs.mean(1), 1e-9)))
+        cv[layer] = float(np.nanmean(images_cv(imgs, axis=1)))
     pre = load_pretrained(run)
     probs = gate_probabilities(pre.model)
     sharp = {str(b): float(p.max(1).mean()) for b, p in probs.items()}
@@ -65,24 +61,18 @@ def measure(run: Path, cache: Path) -> dict:
 
 
 def plot(records: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["variant"] for r in records]
     panels = [("route purity", lambda r: np.mean(list(r["route_purity"].values()))),
               ("cluster-expert NMI", lambda r: np.mean(list(r["cluster_expert_nmi"].values()))),
               ("gate sharpness max p(e|c)", lambda r: np.mean(list(r["gate_sharpness"].values()))),
               ("coverage, path rule (mean over tasks)", lambda r: np.mean([c["path"] for c in r["coverage"].values()])),
               ("coverage, per-layer rule", lambda r: np.mean([c["per_layer"] for c in r["coverage"].values()]))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    fig, axes = figure(len(panels), panel=(3.2, 3.4))
     for ax, (title, f) in zip(axes, panels):
         ax.bar(range(len(names)), [f(r) for r in records])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set(title=title, ylim=(0, 1.02))
-    fig.tight_layout()
-    fig.savefig(out / "specialisation.png", dpi=110)
+    save_figure(fig, out / "specialisation.png")
 
 
 def main() -> None:
@@ -90,7 +80,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "specialisation")
     args = ap.parse_args()
     cache = default_cache_dir()
@@ -107,7 +97,7 @@ def main() -> None:
                "seed": args.seed, **measure(run, cache)}
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    append_jsonl(args.out / "specialisation.jsonl", records)
+    write_results(records, path=args.out / "specialisation.jsonl")
     plot(records, args.out)
 
 

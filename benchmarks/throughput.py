@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from harness import RESULTS, ROOT, figure, run_deepspeed, save_figure, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ("dense", "token", "moce")
 ROUTING = {"dense": "dense", "token": "token", "moce": "cluster"}
 PARTS = ("gate", "dispatch", "alltoall", "experts")
@@ -204,7 +201,8 @@ def worker(args: argparse.Namespace) -> None:
             if hasattr(zero, name):
                 setattr(zero, name, clock.wrap(getattr(zero, name), "zero_grads", exclusive=True))
         engines[variant], models[variant] = engine, model
-    assert all(isinstance(m, MoEMlp) for _, m in models.get("moce", models[args.variants[0]]).moe_layers())
+    if not all(isinstance(m, MoEMlp) for _, m in models.get("moce", models[args.variants[0]]).moe_layers()):
+        raise RuntimeError("the MoE variant built no MoEMlp blocks: the split timings would measure nothing")
 
     with FlopCounterMode(display=False) as counter:  # useful work: the dense model's forward + backward
         dense_probe = build_model(load_config([], ["moe.routing=dense"]), spec=spec).to(dev)
@@ -273,29 +271,20 @@ def worker(args: argparse.Namespace) -> None:
 def run_ranks(ranks: int, variants: list[str], steps: int, width: int = 384, micro_batch: int = 32,
               experts: int = 8, threads: int = 1, extra: list[str] | None = None) -> list[dict]:
     """Launch the worker on `ranks` ranks under the deepspeed launcher; returns rank 0's rows."""
-    from moce_ds.engine.distributed import free_port
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--steps", str(steps),
-               "--width", str(width), "--micro-batch", str(micro_batch), "--experts", str(experts),
-               "--threads", str(threads), "--variants", *variants, *(extra or [])]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-3000:]}")
+        args = ["--worker", "--out", str(out), "--steps", str(steps), "--width", str(width), "--micro-batch",
+                str(micro_batch), "--experts", str(experts), "--threads", str(threads), "--variants", *variants,
+                *(extra or [])]
+        run_deepspeed(Path(__file__).resolve(), args, ranks)
+        if not out.exists():
+            raise RuntimeError(f"the {ranks}-rank worker exited 0 but wrote no {out}")
         return json.loads(out.read_text())
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ranks = sorted({r["ranks"] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax1, ax2) = figure(2)
     width = 0.8 / len(VARIANTS)
     for i, variant in enumerate(VARIANTS):
         ys = [next((r["images_per_s"] for r in rows if r["ranks"] == n and r["variant"] == variant), 0) for n in ranks]
@@ -327,8 +316,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(f"width {r0['width']}, {r0['depth']} blocks (half MoE, E={r0['experts']}, top-1, cf 1.25), "
                  f"micro-batch {r0['micro_batch']}, {r0['tokens_per_image']} tokens/image, "
                  f"{r0['threads_per_rank']} thread(s)/rank, {r0['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -352,8 +340,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from moce_ds.metrics import append_jsonl
-
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
     for n in args.ranks:
@@ -372,7 +358,7 @@ def main() -> None:
                   f"  gate {100 * r['gate_share_of_moe']:.1f}% of MoE  dropped {100 * r['dropped_share']:.1f}%  "
                   + " ".join(f"{p} {1e3 * r['split_s'][p]:.1f}" for p in (*PARTS, "optimizer", "zero_grads"))
                   + f"  fwd+bwd without ZeRO's copies vs dense {r['compute_vs_dense'] or 0:.2f}x", flush=True)
-    append_jsonl(args.out / "throughput.jsonl", rows)
+    write_results(rows, path=args.out / "throughput.jsonl")
     plot(rows, args.out / "throughput.png")
     print(f"wrote {args.out / 'throughput.jsonl'} and throughput.png")
 

@@ -24,31 +24,25 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import RESULTS, ROOT, figure, run_command, run_single_process, save_figure, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moce_ds.checkpoints import load_pretrained  # noqa: E402
-from moce_ds.config import load_config  # noqa: E402
-from moce_ds.customize import customize  # noqa: E402
-from moce_ds.customize.export import dense_state_dict, timm_vit  # noqa: E402
-from moce_ds.customize.task_data import TaskData, load_task_data  # noqa: E402
-from moce_ds.data.embedded import build_embedded_dataset, embedded_tasks, png_bytes  # noqa: E402
-from moce_ds.data.keys import make_key  # noqa: E402
-from moce_ds.data.shard_writer import write_shards  # noqa: E402
-from moce_ds.engine.distributed import free_port  # noqa: E402
-from moce_ds.evaluation import extract_features, knn, linear_probe, load_encoder  # noqa: E402
-from moce_ds.evaluation.probes import finetune  # noqa: E402
-from moce_ds.metrics import append_jsonl  # noqa: E402
-from moce_ds.model import build_model  # noqa: E402
+from moce_ds.checkpoints import load_pretrained
+from moce_ds.config import load_config
+from moce_ds.customize import customize
+from moce_ds.customize.export import dense_state_dict, timm_vit
+from moce_ds.customize.task_data import TaskData, load_task_data
+from moce_ds.data.embedded import build_embedded_dataset, embedded_tasks, png_bytes
+from moce_ds.data.keys import make_key
+from moce_ds.data.shard_writer import write_shards
+from moce_ds.evaluation import extract_features, knn, linear_probe, load_encoder
+from moce_ds.evaluation.probes import finetune
+from moce_ds.model import build_model
 
 LPT_FROZEN = ["moe.gate_noise_std=0", "cluster.init_table=lpt", "moe.gate_trainable=false"]
 PRETRAINED = {"mae": ["moe.routing=dense"], "tokenmoe": ["moe.routing=token"], "moce": [],
@@ -65,15 +59,10 @@ def pretrain(run: Path, overrides: list[str], steps: int) -> Path:
         return run
     if run.exists():
         shutil.rmtree(run)  # an unfinished run from an interrupted sweep
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, str(ROOT / "launchers" / "pretrain.py"), f"output_dir={run}", f"train.max_steps={steps}",
-           "train.log_every=50", "metrics.enabled=false", "metrics.report=false", *overrides]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    print(f"  pre-trained {run.name} in {time.time() - t0:.0f} s", flush=True)
+    _, seconds = run_single_process(ROOT / "launchers" / "pretrain.py", [
+        f"output_dir={run}", f"train.max_steps={steps}", "train.log_every=50", "metrics.enabled=false",
+        "metrics.report=false", *overrides])
+    print(f"  pre-trained {run.name} in {seconds:.0f} s", flush=True)
     return run
 
 
@@ -84,11 +73,8 @@ def cluster_with(features: Path, cache: Path, k: int = 16) -> None:
     rnd = latest_round(cache / "embedded-v1" / "clusters")
     if rnd is not None and (rnd.manifest.get("feature_extractor") or {}).get("run") == str(features.resolve()):
         return
-    cmd = [sys.executable, str(ROOT / "launchers" / "cluster.py"), "--data", "embedded", "--cache-dir", str(cache),
-           "--k", str(k), "--features", str(features)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    run_command([sys.executable, str(ROOT / "launchers" / "cluster.py"), "--data", "embedded", "--cache-dir",
+                 str(cache), "--k", str(k), "--features", str(features)])
 
 
 def domain_shards(ds, domains: tuple[str, ...], out: Path) -> Path:
@@ -143,7 +129,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--protocols", nargs="+", default=PROTOCOLS, choices=PROTOCOLS)
     ap.add_argument("--finetune-epochs", type=int, default=15)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "transfer")
     args = ap.parse_args()
     cache = args.work / "cache"  # the study's own embedded set: its only round is the pixel round
@@ -197,7 +183,7 @@ def main() -> None:
                           "epochs": args.epochs, "pretrain_steps": budget, "num_test": len(data.test_y)}
                          for p, a in accs.items()]
                 print(f"  {task} {method}: " + ", ".join(f"{p} {100 * a:.1f}" for p, a in accs.items()), flush=True)
-        append_jsonl(args.out / "transfer.jsonl", rows)  # per seed: an interrupted study keeps what it measured
+        write_results(rows, path=args.out / "transfer.jsonl")  # per seed: an interrupted study keeps what it measured
     print(f"study took {time.time() - t_start:.0f} s", flush=True)
     plot(args.out / "transfer.jsonl", stamp, args.out / "transfer.png")
 
@@ -236,25 +222,19 @@ def _mean_ci(v: list[float]) -> tuple[float, float, int]:
 
 
 def plot(results: Path, stamp: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from moce_ds.metrics import read_jsonl
 
     rows = [r for r in read_jsonl(results) if r.get("time") == stamp]
     s = summarize(rows)
     methods = [m for m in METHODS if any(k[0] == m for k in s)]
     protocols = [p for p in PROTOCOLS if any(k[1] == p for k in s)]
-    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 3.8), squeeze=False)
+    fig, axes = figure(len(protocols), panel=(5, 3.8), squeeze=False)
     for ax, p in zip(axes[0], protocols):
         vals = [s.get((m, p, "average"), (np.nan, np.nan, 0)) for m in methods]
         ax.bar(range(len(methods)), [100 * v[0] for v in vals], yerr=[100 * v[1] for v in vals], capsize=3)
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set(title=f"{p}: mean over tasks, 95 % interval", ylabel="top-1 (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -18,38 +18,24 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, deepspeed_command, run_command, write_results
 
-from moce_ds.data.sidecar import latest_round  # noqa: E402
-from moce_ds.engine.distributed import free_port  # noqa: E402
-from moce_ds.metrics import append_jsonl  # noqa: E402
+from moce_ds.data.sidecar import latest_round
 
 TASKS = ("digits", "faces", "texture_photo", "microscopy")
 
 
 def _run(cmd: list[str], log: Path) -> float:
-    """Run one stage's command from the repository root; its output goes to ``log``. Returns the wall time."""
+    """Run one stage's command; its output goes to ``log``. Returns the wall time."""
     print("$ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return seconds
+    return run_command(cmd, log=log)[1]
 
 
 def _deepspeed(ranks: int, ds_config: Path, overrides: list[str]) -> list[str]:
-    # `deepspeed --num_gpus R launchers/pretrain.py ...`, spelled through the interpreter running this script
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), "launchers/pretrain.py", "--deepspeed_config", str(ds_config), *overrides]
+    return deepspeed_command("launchers/pretrain.py", ["--deepspeed_config", str(ds_config), *overrides], ranks)
 
 
 def _done(run: Path) -> bool:
@@ -121,9 +107,9 @@ def run_recipe(out: Path, ranks: int = 2, dense_epochs: int = 10, moce_epochs: i
     records = [{"time": stamp, "variant": variant, "ranks": ranks, "dense_epochs": dense_epochs,
                 "moce_epochs": moce_epochs, "max_steps": max_steps, **r} for r in records]
     name = "recipe_refresh" if refresh else "recipe"
-    append_jsonl(out / f"{name}.jsonl", records)
+    write_results(records, path=out / f"{name}.jsonl")
     if results is not None:
-        append_jsonl(results, records)
+        write_results(records, path=results)
     (out / f"{name}.md").write_text("\n".join(recipe_table(records)) + "\n")
     return records
 
@@ -167,7 +153,7 @@ def main() -> None:
     ap.add_argument("--deepspeed_config", type=Path, default=ROOT / "ds_configs" / "zero2.json")
     args = ap.parse_args()
     run_recipe(args.out, args.ranks, args.dense_epochs, args.moce_epochs, args.max_steps, args.k, tuple(args.tasks),
-               args.refresh, args.deepspeed_config, results=ROOT / "benchmarks" / "results" / "two_stage_recipe.jsonl")
+               args.refresh, args.deepspeed_config, results=RESULTS / "two_stage_recipe.jsonl")
     name = "recipe_refresh" if args.refresh else "recipe"
     print((args.out / f"{name}.md").read_text())
 

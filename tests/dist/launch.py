@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from moce_ds.engine.distributed import free_port
+from moce_ds.engine.launch_command import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_and_dump.py"  # pretrain, then dump each rank's weights
@@ -29,8 +28,7 @@ def write_ds_config(path: Path, micro_batch: int = 16, **extra) -> Path:
 
 def run_deepspeed(script: str | Path, args: list[str], num_gpus: int = 2, timeout: int = 600,
                   check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
-           "--master_port", str(free_port()), str(script), *args]
+    cmd = deepspeed_command(script, args, num_gpus)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
