@@ -19,7 +19,7 @@ from moce_ds.engine.distributed import barrier, init_distributed, resolve_ep_siz
 from moce_ds.engine.ds_config import check_ds_config, compute_dtype, grad_accum_steps, load_ds_config, micro_batch_size
 from moce_ds.engine.preemption import StopRequest
 from moce_ds.engine.schedule import build_optimizer
-from moce_ds.engine.step_loop import Faults, NonFiniteLossError, PretrainResult, step_seed, train_loop
+from moce_ds.engine.step_loop import LoopSetup, LoopState, NonFiniteLossError, PretrainResult, step_seed, train_loop
 from moce_ds.engine.training_data import prepare_training_data, steps_per_epoch
 from moce_ds.engine.watchdog import PeerWatchdog
 from moce_ds.metrics import ExpertLoadMeter, JsonlWriter, setup_logging
@@ -110,16 +110,15 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
         log.info("resumed from '%s' at step %d (epoch %d, %d micro-batches into it)", resume_tag, step, epoch,
                  skip_micro)
 
-    metrics = JsonlWriter(run_dir / "metrics.jsonl") if info.is_main else None
+    metrics = JsonlWriter(run_dir / "metrics.jsonl", keep_through_step=step) if info.is_main else None
     load_meter = ExpertLoadMeter(model.moe_layers(), cfg.moe.num_experts)
     exporter = (MetricsExporter(cfg.metrics.port_base + info.local_rank, cfg.metrics.bind, info.rank)
                 if cfg.metrics.enabled else None)
     stop = StopRequest().install()
     watchdog = PeerWatchdog(info.rank, info.world_size, cfg.train.peer_timeout_s).start()
-    faults = Faults()
     try:
-        result = train_loop(cfg, info, engine, model, data, metrics, load_meter, micro, accum, epoch_steps,
-                             total_steps, dtype, step, epoch, skip_micro, stop, faults, exporter)
+        result = train_loop(LoopSetup(cfg, info, engine, model, data, micro, accum, epoch_steps, total_steps, dtype),
+                            LoopState(step, epoch, skip_micro), stop, load_meter, metrics, exporter)
     except RuntimeError as e:
         if isinstance(e, NonFiniteLossError):
             raise

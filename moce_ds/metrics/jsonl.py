@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JsonlWriter", "read_jsonl", "append_jsonl"]
+__all__ = ["JsonlWriter", "read_jsonl", "append_jsonl", "supersede_after"]
+
+log = logging.getLogger("moce_ds")
 
 
 def _clean(value: Any) -> Any:
@@ -22,9 +25,14 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlWriter:
-    def __init__(self, path: Path) -> None:
+    """Appends to ``path``. ``keep_through_step``: a run resumed from that step first moves the records of later
+    steps (trained again from the checkpoint) to ``<name>.superseded.jsonl``, so the log holds each step once."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        if keep_through_step is not None:
+            supersede_after(path, keep_through_step)
         self._f = path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -33,6 +41,34 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def supersede_after(path: Path, step: int) -> int:
+    """Move the lines of ``path`` whose record has a "step" above ``step`` (and a torn last line, from a crash
+    mid-write) to ``<stem>.superseded.jsonl`` beside it, appended in their order; the rest is rewritten atomically.
+    Returns how many lines moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+        except json.JSONDecodeError:
+            later = True
+        (moved if later else keep).append(line)
+    if not moved:
+        return 0
+    with path.with_name(path.stem + ".superseded.jsonl").open("a") as f:
+        f.write("".join(line + "\n" for line in moved))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+    log.warning("resumed at step %d: %d later record(s) of %s, trained again from the checkpoint, moved to %s",
+                step, len(moved), path, path.with_name(path.stem + ".superseded.jsonl"))
+    return len(moved)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

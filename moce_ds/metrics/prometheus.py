@@ -107,6 +107,9 @@ class MetricsExporter:
         self.epoch.set(epoch)
         self.cluster_round.set(-1 if cluster_round is None else cluster_round)
 
+    def set_step(self, step: int) -> None:
+        self.step.set(step)
+
     def set_losses(self, loss: float, recon: float, aux: float, lr: float) -> None:
         self.loss.set(loss)
         self.recon_loss.set(recon)

@@ -32,6 +32,9 @@ class MAEOutput:
     aux_loss: torch.Tensor
     pred: torch.Tensor  # (B, L, p*p*3)
     mask: torch.Tensor  # (B, L), 1 = removed
+    # forward(..., defer_checks=True) only: 0-dim bool, set when a cluster id was outside the gate's table (those ids
+    # were clamped for this forward); read it with the step's other flags, then call check_clusters for the error
+    bad_clusters: torch.Tensor | None = None
 
 
 class RoutedBlock(Block):
@@ -165,9 +168,16 @@ class MaskedAutoencoderViT(nn.Module):
             return None
         return self.policy.check_clusters(cluster, batch)
 
+    def check_clusters(self, cluster: torch.Tensor | None) -> None:
+        """The range check with its host sync: raises the clear error for an id outside the gate's table."""
+        self._check_clusters(cluster, 0 if cluster is None else cluster.shape[0])
+
     def forward_encoder(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
         """imgs (N, 3, H, W), cluster (N,) -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
-        cluster = self._check_clusters(cluster, imgs.shape[0])
+        return self._encode(imgs, self._check_clusters(cluster, imgs.shape[0]), mask_ratio)
+
+    def _encode(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
+        """forward_encoder with the cluster ids already checked."""
         x = self.patch_embed(imgs)
         pos = self.pos_embed.to(x.dtype)  # DeepSpeed keeps buffers in fp32 under bf16; adding them would upcast x
         x = x + pos[:, 1:, :]
@@ -214,13 +224,18 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum()  # mean over removed patches
 
     def forward(self, imgs: torch.Tensor, cluster: torch.Tensor | None = None,
-                mask_ratio: float | None = None) -> MAEOutput:
+                mask_ratio: float | None = None, defer_checks: bool = False) -> MAEOutput:
+        """defer_checks: the cluster-id range check costs no host sync (see MAEOutput.bad_clusters)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, cluster, ratio)
+        if defer_checks and self.moe_blocks:
+            cluster, bad = self.policy.check_clusters_deferred(cluster, imgs.shape[0])
+        else:
+            cluster, bad = self._check_clusters(cluster, imgs.shape[0]), None
+        latent, mask, ids_restore = self._encode(imgs, cluster, ratio)
         pred = self.forward_decoder(latent, ids_restore)
         recon = self.forward_loss(imgs, pred, mask)
         aux = self.aux_loss()
-        return MAEOutput(recon + self.aux_loss_weight * aux, recon, aux, pred, mask)
+        return MAEOutput(recon + self.aux_loss_weight * aux, recon, aux, pred, mask, bad)
 
 
 @torch.no_grad()

@@ -71,6 +71,13 @@ class RoutingPolicy:
         """The batch's cluster ids as the layers need them (None when the routing does not use them)."""
         return None
 
+    def check_clusters_deferred(self, cluster: torch.Tensor | None,
+                                batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """As check_clusters, without a host sync: -> (ids, a 0-dim bool that is set when an id was outside the
+        gate's table; those ids are clamped into it). The caller reads the flag and, if set, calls check_clusters
+        for the error."""
+        return self.check_clusters(cluster, batch), None
+
     def plan(self, model: nn.Module, cluster: torch.Tensor | None,
              tokens_per_image: int) -> ImageRoutes | None:
         """Every MoE layer's routes for this step, in block order (None: the layers route by themselves)."""
@@ -126,12 +133,20 @@ class ClusterPolicy(RoutingPolicy):
         return ClusterGate(m.num_clusters, width, m.num_experts, m.top_k, m.capacity_factor, m.eval_capacity_factor,
                            m.min_capacity, m.drop_tokens, m.gate_noise_std)
 
-    def check_clusters(self, cluster: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    def _check_shape(self, cluster: torch.Tensor | None, batch: int) -> torch.Tensor:
         if cluster is None:
             raise ValueError("moe.routing=cluster needs a cluster id per image; the batch has none.")
         if cluster.shape != (batch,):
             raise ValueError(f"cluster ids must have shape ({batch},), got {tuple(cluster.shape)}.")
-        k = self.cfg.num_clusters
+        return cluster
+
+    def check_clusters_deferred(self, cluster: torch.Tensor | None,
+                                batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        cluster, k = self._check_shape(cluster, batch), self.cfg.num_clusters
+        return cluster.long().clamp(0, k - 1), ((cluster < 0) | (cluster >= k)).any()
+
+    def check_clusters(self, cluster: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        cluster, k = self._check_shape(cluster, batch), self.cfg.num_clusters
         lo, hi = torch.stack(torch.aminmax(cluster)).tolist()  # one host sync per forward, not two
         if lo < 0 or hi >= k:
             raise ValueError(

@@ -109,13 +109,17 @@ def test_truncated_checkpoint_is_refused_and_the_previous_one_used(embedded_cach
     victim = ckpts / "step00000004" / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a crash mid-write
     assert latest_tag(ckpts) == "step00000002"
+    (ckpts / "step00000006").mkdir()  # a save killed before its completion record: skipped, and named
+    (ckpts / "step00000006" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     again = subprocess.run([*base, "train.max_steps=4", "--resume"], cwd=ROOT,
                            env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "step00000004 is refused: mp_rank_00_model_states.pt has" in again.stdout + again.stderr
+    assert "step00000006 is skipped: no completion record" in again.stdout + again.stderr
     assert "resumed from 'step00000002'" in (run / "logs" / "rank0.log").read_text()
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 3, 4]  # steps 3-4 trained again from the intact checkpoint
+    assert steps == [1, 2, 3, 4]  # each step once: 3-4 trained again from the intact checkpoint replace the first
+    assert [r["step"] for r in read_jsonl(run / "metrics.superseded.jsonl")] == [3, 4]
 
 
 def test_nonfinite_losses_are_skipped_counted_and_a_streak_stops_the_run(embedded_cache, tmp_path):
