@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from moce_ds.clustering.comm import Communicator, LocalComm
 
-__all__ = ["BACKENDS", "CHUNK_BYTES", "IVF_MIN_K", "KMeansResult", "assign", "cluster_sums", "import_faiss",
-           "kmeans", "kmeans_plus_plus", "pick_backend", "set_threads", "unit_rows"]
+__all__ = ["BACKENDS", "CHUNK_BYTES", "IVF_MIN_K", "KMeansResult", "assign", "cluster_sums", "faiss_gpu_for",
+           "import_faiss", "kmeans", "kmeans_plus_plus", "pick_backend", "set_threads", "unit_rows"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -90,6 +90,18 @@ def _faiss_gpus() -> int:
     except ImportError:
         return 0
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def faiss_gpu_for(local_rank: int, gpus: int) -> int | None:
+    """The GPU faiss-gpu puts this rank's index on: its local rank's own (as torch and DeepSpeed bind it), None
+    without GPUs. Never ``index_cpu_to_all_gpus``: 8 ranks would each open a context and scratch pool on all 8
+    GPUs (and fail outright in exclusive-process mode); never ``local_rank % gpus``, which stacks ranks on one."""
+    if gpus <= 0:
+        return None
+    if not 0 <= local_rank < gpus:
+        raise ValueError(f"k-means on faiss-gpu: local rank {local_rank} but faiss sees {gpus} GPU(s); launch at "
+                         f"most one rank per GPU, or pass --backend torch / use faiss-cpu.")
+    return local_rank
 
 
 def pick_backend(k: int, backend: str = "auto") -> str:
@@ -159,14 +171,17 @@ class _Rows:
 class _Searcher:
     """Nearest centroid of row chunks; one index (and on faiss-gpu one StandardGpuResources) per k-means."""
 
-    def __init__(self, d: int, spherical: bool, backend: str, device: int = 0) -> None:
+    def __init__(self, d: int, spherical: bool, backend: str, device: int | None = None) -> None:
         self.d, self.spherical, self.backend = d, spherical, backend
+        if device is None:  # the GPU torch is bound to (moce_ds.engine.distributed.bind_local_process), else 0
+            device = torch.cuda.current_device() if torch.cuda.is_available() else 0
         self.gpu_res, self.device, self.threads = None, device, 1  # threads: chunk workers per pass
         if backend != "torch":
             self.faiss = import_faiss()
             gpus = _faiss_gpus()
             if gpus > 0:  # this rank's own GPU; temporary memory reused across iterations
-                self.gpu_res, self.device = self.faiss.StandardGpuResources(), device % gpus
+                self.device = faiss_gpu_for(device, gpus)
+                self.gpu_res = self.faiss.StandardGpuResources()
             else:  # faiss's OpenMP threads (set_threads / OMP_NUM_THREADS), one chunk worker each
                 self.threads = self.faiss.omp_get_max_threads()
         self.index: Any = None
@@ -179,6 +194,10 @@ class _Searcher:
             self.c = torch.from_numpy(c).to(dev)
             return
         faiss, k = self.faiss, c.shape[0]
+        if self.backend == "faiss" and self.index is not None:  # same index (and GPU memory) every iteration
+            self.index.reset()
+            self.index.add(c)
+            return
         flat = faiss.IndexFlatIP(self.d) if self.spherical else faiss.IndexFlatL2(self.d)
         if self.backend == "faiss_ivf":
             nlist = max(1, min(int(4 * math.sqrt(k)), k // 39))  # faiss wants >= 39 training points per list
