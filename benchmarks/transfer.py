@@ -11,6 +11,8 @@ Per seed, on the embedded set, every pre-training run gets ``--epochs`` epochs (
 - ``moce_semantic``: the two-stage recipe: clusters from this seed's ``mae`` encoder, MoCE upcycled from it
   (``model.init_from``) with the ``moce_lpt_frozen`` settings, customised per task; its budget is the MAE's plus
   its own, twice the others' (stated in every row);
+- ``moce_semantic_equal``: the same recipe at the others' budget: a dense MAE of half the steps gives the clusters
+  and the upcycling start, MoCE trains the other half (each half on its own schedule, shaped like the full runs');
 - ``mae_own_domain``: MAE pre-trained on the task's own domain(s) only, same steps (the negative-transfer control).
 
 Protocols: linear probe and k-NN on frozen features (``moce_ds.evaluation``), and a short full fine-tune of the
@@ -47,7 +49,8 @@ from moce_ds.model import build_model
 LPT_FROZEN = ["moe.gate_noise_std=0", "cluster.init_table=lpt", "moe.gate_trainable=false"]
 PRETRAINED = {"mae": ["moe.routing=dense"], "tokenmoe": ["moe.routing=token"], "moce": [],
               "moce_lpt_frozen": LPT_FROZEN}
-METHODS = ["pixels", "random_init", "mae", "tokenmoe", "moce", "moce_lpt_frozen", "moce_semantic", "mae_own_domain"]
+METHODS = ["pixels", "random_init", "mae", "tokenmoe", "moce", "moce_lpt_frozen", "moce_semantic",
+           "moce_semantic_equal", "mae_own_domain"]
 PROTOCOLS = ["linear", "knn", "finetune"]
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_{0.975, n-1}
 
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "transfer")
+    ap.add_argument("--name", default="transfer", help="results/<name>.jsonl and .png (e.g. transfer_budget for a "
+                    "second study that must not replace the main table)")
     args = ap.parse_args()
     cache = args.work / "cache"  # the study's own embedded set: its only round is the pixel round
     ds = build_embedded_dataset(cache)
@@ -145,6 +150,18 @@ def main() -> None:
         print(f"seed {seed}", flush=True)
         runs = {m: pretrain(args.work / f"{m}_s{seed}", [*o, f"train.seed={seed}", *common], steps)
                 for m, o in PRETRAINED.items() if m in args.methods or (m == "mae" and "moce_semantic" in args.methods)}
+        if "moce_semantic_equal" in args.methods:  # half the budget for each stage: the others' total
+            half, half_epochs = steps // 2, args.epochs // 2 + 1
+            half_common = [f"train.epochs={half_epochs}", *common[1:-1]]
+            mae_half = pretrain(args.work / f"mae_half_s{seed}", ["moe.routing=dense", f"train.seed={seed}",
+                                                                  *half_common, f"data.cache_dir={cache}"], half)
+            eq_cache = args.work / f"cache_semantic_equal_s{seed}"
+            build_embedded_dataset(eq_cache)
+            cluster_with(mae_half, eq_cache)
+            runs["moce_semantic_equal"] = pretrain(
+                args.work / f"moce_semantic_equal_s{seed}",
+                [*LPT_FROZEN, f"model.init_from={mae_half}", f"train.seed={seed}", *half_common,
+                 f"data.cache_dir={eq_cache}"], steps - half)
         if "moce_semantic" in args.methods:
             sem_cache = args.work / f"cache_semantic_s{seed}"  # its round must not reach the other runs
             build_embedded_dataset(sem_cache)
@@ -165,7 +182,7 @@ def main() -> None:
             for m in ("mae", "tokenmoe"):
                 if m in args.methods:
                     encoders[m] = (load_encoder(runs[m]), dense_vit_of_run(runs[m]) if m == "mae" else None)
-            for m in ("moce", "moce_lpt_frozen", "moce_semantic"):
+            for m in ("moce", "moce_lpt_frozen", "moce_semantic", "moce_semantic_equal"):
                 if m in args.methods:
                     res = customize(runs[m], task, runs[m] / "custom" / task, cache_dir=cache, hf=False)
                     enc = load_encoder(res.checkpoint)
@@ -183,9 +200,9 @@ def main() -> None:
                           "epochs": args.epochs, "pretrain_steps": budget, "num_test": len(data.test_y)}
                          for p, a in accs.items()]
                 print(f"  {task} {method}: " + ", ".join(f"{p} {100 * a:.1f}" for p, a in accs.items()), flush=True)
-        write_results(rows, path=args.out / "transfer.jsonl")  # per seed: an interrupted study keeps what it measured
+        write_results(rows, path=args.out / f"{args.name}.jsonl")  # per seed: an interrupted study keeps its rows
     print(f"study took {time.time() - t_start:.0f} s", flush=True)
-    plot(args.out / "transfer.jsonl", stamp, args.out / "transfer.png")
+    plot(args.out / f"{args.name}.jsonl", stamp, args.out / f"{args.name}.png")
 
 
 def load_encoder_from_vit(vit, name: str):
