@@ -10,7 +10,6 @@ mixed into the k-means or silently overwritten.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -20,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from moce_ds.clustering.comm import Communicator, LocalComm
 from moce_ds.clustering.feature_sources import FeatureExtractor, square_image
+from moce_ds.data.images import decode_image, image_member
 from moce_ds.data.keys import key_index
 from moce_ds.data.shard_writer import atomic_write_json
 from moce_ds.data.sources import SKIP_MARKER, read_tar_samples
@@ -32,8 +31,6 @@ from moce_ds.data.sources import SKIP_MARKER, read_tar_samples
 __all__ = ["check_feature_cache", "decode_shard", "featurize_shards"]
 
 logger = logging.getLogger("moce_ds")
-
-_IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 def decode_shard(url: str, image_size: int, expected: int | None = None) -> Iterator[tuple[int, np.ndarray] | str]:
@@ -47,13 +44,12 @@ def decode_shard(url: str, image_size: int, expected: int | None = None) -> Iter
         except ValueError:
             yield "bad_key"
             continue
-        data = next((s[e] for e in _IMAGE_EXTS if e in s), None)
+        data = image_member(s)
         if data is None:
             yield "no_image"
             continue
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                img = im.convert("RGB")
+            img = decode_image(data)
         except Exception:  # noqa: BLE001 - an undecodable image is a skipped sample, never a crash
             yield "decode_error"
             continue

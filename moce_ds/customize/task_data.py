@@ -7,7 +7,6 @@ silently.
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 import zlib
@@ -18,12 +17,12 @@ import numpy as np
 from PIL import Image
 
 from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task, png_bytes
+from moce_ds.data.images import IMAGE_EXTS, decode_image, is_image_file
 
 __all__ = ["TaskData", "load_task_data"]
 
 log = logging.getLogger("moce_ds")
 
-_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 # what PIL raises for a file it cannot decode (UnidentifiedImageError and truncation are OSErrors; some plugins raise
 # SyntaxError or ValueError on a corrupt header)
 _UNDECODABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -45,8 +44,7 @@ class TaskData:
 
 
 def _load_image(path_or_bytes, size: int) -> np.ndarray:
-    img = Image.open(io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes)
-    img = img.convert("RGB")
+    img = decode_image(path_or_bytes)
     if img.size != (size, size):
         # centre crop to a square, then resize: the same geometry a ViT's eval transform uses
         w, h = img.size
@@ -57,13 +55,9 @@ def _load_image(path_or_bytes, size: int) -> np.ndarray:
 
 
 def _split(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, ...]:
-    """Deterministic stratified 50/50 split (seeded by the task name)."""
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    train = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        train[idx[: (len(idx) + 1) // 2]] = True
-    return x[train], y[train], x[~train], y[~train]
+    """The embedded tasks' split (``data.splits.stratified_halves``), so one rule holds for every task."""
+    tr, te = stratified_halves(y, name)
+    return x[tr], y[tr], x[te], y[te]
 
 
 def _decode_all(named: list[tuple[str, Path | bytes, int]], size: int,
@@ -88,7 +82,7 @@ def _decode_all(named: list[tuple[str, Path | bytes, int]], size: int,
 def _image_folder(root: Path, size: int) -> TaskData:
     def read(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         files = [(str(f), f, ci) for ci, c in enumerate(classes) for f in sorted((folder / c).iterdir())
-                 if f.suffix.lower() in _IMAGE_EXTS]
+                 if is_image_file(f)]
         return _decode_all(files, size, folder)
 
     if (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir()):
@@ -114,7 +108,7 @@ def _shards(root: Path, size: int) -> TaskData:
                     continue
                 key, _, ext = member.name.partition(".")
                 data = tar.extractfile(member).read()
-                if ext in ("png", "jpg", "jpeg"):
+                if ext in IMAGE_EXTS:
                     images[key] = (shard.name, data)
                 elif ext == "cls":
                     labels[key] = int(data.decode().strip())

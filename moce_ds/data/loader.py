@@ -37,6 +37,15 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
+from moce_ds.data.images import (
+    IMAGE_EXTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_image,
+    image_member,
+    normalize,
+    to_uint8_chw,
+)
 from moce_ds.data.keys import key_index
 from moce_ds.data.sources import SKIP_MARKER, ShardSource, read_tar_samples, resolve_shards
 
@@ -54,20 +63,20 @@ __all__ = [
 
 logger = logging.getLogger("moce_ds")
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # decode_error: image bytes that do not decode; no_image: a sample without a jpg/jpeg/png member;
 # missing_cluster: index outside the round's table or -1 there; bad_key: no parseable global index;
 # truncated_tar: samples lost to a shard that breaks off (cut file, failed pipe, fewer samples than the manifest)
 SKIP_REASONS: tuple[str, ...] = ("decode_error", "no_image", "missing_cluster", "bad_key", "truncated_tar")
-_IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 def to_tensor(images: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN,
-              std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), normalised like pre-training (or with a model's own mean/std)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+              std: tuple[float, ...] = IMAGENET_STD, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, S, S) on ``device`` (default CPU), normalised like pre-training (or
+    with a model's own mean/std); the uint8 images travel to the device, the floats are made there."""
+    x = to_uint8_chw(images)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    return normalize(x, mean, std)
 
 
 def _zero_counts() -> dict[str, int]:
@@ -187,14 +196,14 @@ class _Process:
     """
 
     def __init__(
-        self, cluster_ids_path: Path | None, image_size: int, strict: bool, seed: int, epoch: int, rank: int
+        self, cluster_ids_path: Path | None, image_size: int, strict: bool, seed: int, epoch: int, rank: int,
+        uint8: bool = False, draft: bool = False,
     ) -> None:
         self.cluster_ids_path = None if cluster_ids_path is None else str(cluster_ids_path)
         self.image_size = image_size
         self.strict = strict
         self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.uint8, self.draft = uint8, draft
 
     def _skip(self, reason: str, sample: dict, detail: str, counts: dict[str, int], logged: set[str],
               n: int = 1) -> None:
@@ -238,37 +247,60 @@ class _Process:
                 continue
             else:
                 cluster = int(ids[index])
-            data = next((sample[e] for e in _IMAGE_EXTS if e in sample), None)
+            data = image_member(sample)
             if data is None:
                 have = sorted(k for k in sample if not k.startswith("__"))
-                self._skip("no_image", sample, f"no image member among {_IMAGE_EXTS} (has {have})", counts, logged)
+                self._skip("no_image", sample, f"no image member among {IMAGE_EXTS} (has {have})", counts, logged)
                 continue
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    img = im.convert("RGB")  # forces a full decode, so truncated files fail here
+                image = self._decode_augment(data, rng)  # a full decode, so truncated files fail here
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
                 self._skip("decode_error", sample, f"{type(e).__name__}: {e}", counts, logged)
                 continue
-            yield {"image": self._augment(img, rng), "cluster": cluster, "index": index, "skipped": counts}
+            yield {"image": image, "cluster": cluster, "index": index, "skipped": counts}
             counts = _zero_counts()
         if any(counts.values()):
             yield {"image": None, "skipped": counts}  # trailing skips, after the last good sample
 
-    def _augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        """MAE pre-training augmentation -> float32 [3, S, S]."""
-        top, left, h, w = _random_resized_crop_params(rng, img.width, img.height, (0.2, 1.0), (3 / 4, 4 / 3))
-        img = TF.resized_crop(img, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
+    def _decode_augment(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """Decode + MAE pre-training augmentation (RandomResizedCrop(0.2, 1), bicubic, flip) -> uint8 [3, S, S]
+        (``uint8``) or float32 [3, S, S] ImageNet-normalised.
+
+        ``draft``: the crop is drawn on the full image's size (read from the header, before any decode), then the
+        JPEG is decoded at the smallest 1/2^k scale that still gives the crop at least S px each way, and the crop
+        is resized from there: the same random crop and flip, a fraction of the decode and resize work."""
+        if not self.draft:
+            img = decode_image(data)
+            top, left, h, w = _random_resized_crop_params(rng, img.width, img.height, (0.2, 1.0), (3 / 4, 4 / 3))
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                full_w, full_h = im.size
+                top, left, h, w = _random_resized_crop_params(rng, full_w, full_h, (0.2, 1.0), (3 / 4, 4 / 3))
+                if im.format == "JPEG":
+                    s = self.image_size
+                    im.draft("RGB", (math.ceil(full_w * s / w), math.ceil(full_h * s / h)))
+                img = im.convert("RGB")
+            if img.size != (full_w, full_h):  # decoded at a reduced scale: the crop box in its pixels
+                fx, fy = img.width / full_w, img.height / full_h
+                box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+                img = img.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+                top = left = None
+        if top is not None:
+            img = TF.resized_crop(img, top, left, h, w, [self.image_size, self.image_size],
+                                  InterpolationMode.BICUBIC)
         if rng.random() < 0.5:
             img = TF.hflip(img)
-        return (TF.to_tensor(img) - self.mean) / self.std
+        x = TF.pil_to_tensor(img)  # uint8 [3, S, S]
+        return x if self.uint8 else normalize(x[None])[0]
 
 
-def _collate(samples: list[dict], skipped: dict[str, int], image_size: int) -> dict:
+def _collate(samples: list[dict], skipped: dict[str, int], image_size: int, dtype: torch.dtype) -> dict:
     if not samples:  # a counts-only batch (end of a worker's stream)
-        return {"images": torch.empty(0, 3, image_size, image_size), "cluster": torch.empty(0, dtype=torch.int64),
-                "index": torch.empty(0, dtype=torch.int64), "skipped": skipped}
+        return {"images": torch.empty(0, 3, image_size, image_size, dtype=dtype),
+                "cluster": torch.empty(0, dtype=torch.int64), "index": torch.empty(0, dtype=torch.int64),
+                "skipped": skipped}
     return {
-        "images": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
+        "images": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W] uint8 or float32
         "cluster": torch.tensor([s["cluster"] for s in samples], dtype=torch.int64),  # [B]
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),  # [B]
         "skipped": skipped,
@@ -278,8 +310,8 @@ def _collate(samples: list[dict], skipped: dict[str, int], image_size: int) -> d
 class _Batch:
     """Batches of ``batch_size`` (in the worker); with ``partial`` the ragged rest and trailing counts too."""
 
-    def __init__(self, batch_size: int, partial: bool, image_size: int) -> None:
-        self.batch_size, self.partial, self.image_size = batch_size, partial, image_size
+    def __init__(self, batch_size: int, partial: bool, image_size: int, dtype: torch.dtype) -> None:
+        self.batch_size, self.partial, self.image_size, self.dtype = batch_size, partial, image_size, dtype
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         buf: list[dict] = []
@@ -291,10 +323,10 @@ class _Batch:
                 continue
             buf.append(s)
             if len(buf) == self.batch_size:
-                yield _collate(buf, pending, self.image_size)
+                yield _collate(buf, pending, self.image_size, self.dtype)
                 buf, pending = [], _zero_counts()
         if self.partial and (buf or any(pending.values())):
-            yield _collate(buf, pending, self.image_size)
+            yield _collate(buf, pending, self.image_size, self.dtype)
 
 
 def _add_counts(into: dict[str, int], more: dict[str, int]) -> None:
@@ -385,14 +417,14 @@ class EpochLoader:
 
 def _pipeline(shards: IterableDataset, source: ShardSource, cluster_ids_path: Path | None, batch_size: int,
               partial: bool, image_size: int, seed: int, epoch: int, shuffle_buffer: int, strict: bool,
-              rank: int) -> wds.DataPipeline:
+              rank: int, uint8: bool, draft: bool) -> wds.DataPipeline:
     expected = None if source.counts is None else dict(zip(source.urls, source.counts))
     return wds.DataPipeline(
         shards,
         _ReadTars(expected),
         _Shuffle(shuffle_buffer, seed, epoch, rank),  # before decode: the buffer holds compressed bytes
-        _Process(cluster_ids_path, image_size, strict, seed, epoch, rank),
-        _Batch(batch_size, partial, image_size),
+        _Process(cluster_ids_path, image_size, strict, seed, epoch, rank, uint8, draft),
+        _Batch(batch_size, partial, image_size, torch.uint8 if uint8 else torch.float32),
     )
 
 
@@ -418,15 +450,23 @@ def make_train_loader(
     world_size: int = 1,
     resampled: bool = True,
     pin_memory: bool | None = None,
+    uint8: bool = False,
+    draft: bool = False,
 ) -> EpochLoader:
     """Loader for one epoch of ``steps_per_epoch`` batches on this rank.
 
     ``urls``: a shard folder or manifest, a brace pattern, ``pipe:``/URL sources, or a list (see
     :func:`moce_ds.data.sources.resolve_shards`). ``steps_per_epoch=None`` in non-resampled mode: the
-    :func:`epoch_batches` bound from the manifest's counts. ``pin_memory=None``: pinned when CUDA is present.
+    :func:`epoch_batches` bound from the manifest's counts. ``pin_memory=None``: pinned when CUDA is present (copy
+    with ``.to(device, non_blocking=True)``).
 
-    Yields dicts: ``images`` float32 [B, 3, H, W] (ImageNet-normalised), ``cluster`` int64 [B] (zeros when
-    ``cluster_ids_path`` is None), ``index`` int64 [B] (global image index from the key), ``skipped``
+    ``uint8``: images leave the workers as uint8 0..255 (4x fewer bytes through shared memory and the pinned copy;
+    the model normalises them on its device, :meth:`MaskedAutoencoderViT.pixels`), else float32 normalised.
+    ``draft``: JPEGs are decoded at the reduced scale the random crop needs (same crops, slightly different
+    pixels; see ``_Process._decode_augment``).
+
+    Yields dicts: ``images`` uint8 or float32 [B, 3, H, W] (float: ImageNet-normalised), ``cluster`` int64 [B]
+    (zeros when ``cluster_ids_path`` is None), ``index`` int64 [B] (global image index from the key), ``skipped``
     dict[reason, int] of samples dropped since the previous batch (:data:`SKIP_REASONS`). Build a new loader per
     epoch with ``epoch`` set, so the streams change.
     """
@@ -442,7 +482,7 @@ def make_train_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     common = dict(cluster_ids_path=cluster_ids_path, batch_size=batch_size, image_size=image_size, seed=seed,
-                  epoch=epoch, shuffle_buffer=shuffle_buffer, strict=strict, rank=rank)
+                  epoch=epoch, shuffle_buffer=shuffle_buffer, strict=strict, rank=rank, uint8=uint8, draft=draft)
 
     if resampled:
         if steps_per_epoch is None:

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from moce_ds.config.schema import MoEConfig
+from moce_ds.data.images import normalize
 from moce_ds.model.pos_embed import sincos_pos_embed_2d
 from moce_ds.model.registry import MAESpec
 from moce_ds.moe.layer import MoEMlp
@@ -172,9 +173,21 @@ class MaskedAutoencoderViT(nn.Module):
         """The range check with its host sync: raises the clear error for an id outside the gate's table."""
         self._check_clusters(cluster, 0 if cluster is None else cluster.shape[0])
 
+    def pixels(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs uint8 (N, 3, H, W) 0..255 (the loader's wire format; normalised here, on the device) or float
+        (N, 3, H, W) already normalised -> float32 normalised pixels: the norm-pix target is computed from these."""
+        return normalize(imgs) if imgs.dtype == torch.uint8 else imgs.float()
+
+    def _input(self, imgs: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's input: uint8 images normalised in float32, then cast to the weights' dtype (bf16 runs)."""
+        if imgs.dtype != torch.uint8:
+            return imgs
+        return (self.pixels(imgs) if pixels is None else pixels).to(self.patch_embed.proj.weight.dtype)
+
     def forward_encoder(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
-        """imgs (N, 3, H, W), cluster (N,) -> latent (N, 1+K, D), mask (N, L), ids_restore (N, L)."""
-        return self._encode(imgs, self._check_clusters(cluster, imgs.shape[0]), mask_ratio)
+        """imgs (N, 3, H, W) uint8 or normalised float, cluster (N,) -> latent (N, 1+K, D), mask (N, L),
+        ids_restore (N, L)."""
+        return self._encode(self._input(imgs), self._check_clusters(cluster, imgs.shape[0]), mask_ratio)
 
     def _encode(self, imgs: torch.Tensor, cluster: torch.Tensor | None, mask_ratio: float):
         """forward_encoder with the cluster ids already checked."""
@@ -231,9 +244,10 @@ class MaskedAutoencoderViT(nn.Module):
             cluster, bad = self.policy.check_clusters_deferred(cluster, imgs.shape[0])
         else:
             cluster, bad = self._check_clusters(cluster, imgs.shape[0]), None
-        latent, mask, ids_restore = self._encode(imgs, cluster, ratio)
+        pixels = self.pixels(imgs)  # float32 (N, 3, H, W)
+        latent, mask, ids_restore = self._encode(self._input(imgs, pixels), cluster, ratio)
         pred = self.forward_decoder(latent, ids_restore)
-        recon = self.forward_loss(imgs, pred, mask)
+        recon = self.forward_loss(pixels, pred, mask)
         aux = self.aux_loss()
         return MAEOutput(recon + self.aux_loss_weight * aux, recon, aux, pred, mask, bad)
 
