@@ -9,6 +9,7 @@ training position, read before DeepSpeed touches anything, so an incompatible re
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,14 +17,36 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moce_ds.checkpoints.records import LATEST, META, complete_tags, latest_tag, read_meta, verify_tag
+import torch
+
+from moce_ds.checkpoints import records
+from moce_ds.checkpoints.records import LATEST, META, complete_tags, read_meta, verify_tag
 from moce_ds.config.schema import Config
+from moce_ds.engine.distributed import all_reduce_sum
 from moce_ds.moe.policies import routing_policy
 
 __all__ = ["model_signature", "checkpoint_dir", "latest_tag", "complete_tags", "verify_tag", "read_meta",
-           "check_resume_compatible", "save_checkpoint", "prune_checkpoints"]
+           "check_resume_compatible", "save_checkpoint", "prune_checkpoints", "CheckpointSpaceError"]
 
 log = logging.getLogger("moce_ds")
+_MIB = 2**20
+
+
+class CheckpointSpaceError(ValueError):
+    """A save that would not fit, or that failed writing: one line naming the space and the folder (a ValueError, so
+    the launcher prints it as its one "error:" line). The older checkpoints are left as they were."""
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest intact checkpoint (moce_ds.checkpoints.records.latest_tag, which names every refused one), and a
+    warning naming each tag folder a save left without its completion record (a crash or kill mid-save)."""
+    tag = records.latest_tag(ckpt_dir)
+    complete = set(complete_tags(ckpt_dir))
+    for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
+        if p.is_dir() and p.name not in complete:
+            log.warning("checkpoint %s is skipped: no completion record (its save never finished); %s", p,
+                        f"using '{tag}' instead" if tag else "no complete checkpoint is left")
+    return tag
 
 
 def model_signature(cfg: Config) -> dict[str, Any]:
@@ -58,11 +81,24 @@ def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_
     """Every rank calls this. Returns the tag folder once the checkpoint is complete on every rank."""
     ckpt_dir = checkpoint_dir(cfg)
     folder = ckpt_dir / tag
+    # every rank checks (node-local disks differ); all stop together, before anything is written
+    problem = _space_problem(ckpt_dir, tag)
+    if all_reduce_sum(torch.tensor([float(problem is not None)]))[0] > 0:
+        raise CheckpointSpaceError(problem or f"not enough disk space for checkpoint {folder} on another rank (its "
+                                   f"log names it); the older checkpoints are intact.")
     if is_main and (folder / META).exists():
         (folder / META).unlink()  # re-saving a tag: it is incomplete until this save finishes
     barrier()
     meta = {"signature": model_signature(cfg), "position": position, "tag": tag}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"moce": meta}, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"moce": meta}, save_latest=False)
+    except (RuntimeError, OSError) as e:  # torch's "enforce fail at inline_container.cc" is a failed write
+        if not _is_write_failure(e):
+            raise
+        raise CheckpointSpaceError(
+            f"writing checkpoint {folder} failed ({_free_mib(ckpt_dir):.0f} MiB free on its file system: most likely "
+            f"out of disk space): free space there or lower train.keep_checkpoints, then continue with --resume; "
+            f"{_intact(ckpt_dir, tag)}") from e
     barrier()  # every rank's files are on disk
     if is_main:
         meta["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
@@ -70,6 +106,40 @@ def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_
         _atomic_write(ckpt_dir / LATEST, tag)  # informational; resume trusts the completion records
     barrier()
     return folder
+
+
+def _free_mib(path: Path) -> float:
+    while not path.exists() and path != path.parent:  # the first save: the folder is not there yet
+        path = path.parent
+    return shutil.disk_usage(path).free / _MIB
+
+
+def _intact(ckpt_dir: Path, tag: str) -> str:
+    older = [t for t in complete_tags(ckpt_dir) if t != tag]
+    return f"the older checkpoint {older[-1]} is intact." if older else "no older checkpoint exists."
+
+
+def _space_problem(ckpt_dir: Path, tag: str) -> str | None:
+    """None when the file system holding `ckpt_dir` has room for another checkpoint as large as the previous one."""
+    older = [t for t in complete_tags(ckpt_dir) if t != tag]
+    if not older:
+        return None  # nothing to measure by; a failed write is still reported by save_checkpoint
+    try:
+        need = sum(read_meta(ckpt_dir, older[-1])["files"].values()) / _MIB
+    except (ValueError, KeyError, OSError):
+        return None
+    free = _free_mib(ckpt_dir)
+    if free >= need:
+        return None
+    return (f"not enough disk space for checkpoint {ckpt_dir / tag}: {free:.0f} MiB free on its file system, the "
+            f"previous checkpoint took {need:.0f} MiB; free space there or lower train.keep_checkpoints, then "
+            f"continue with --resume; the older checkpoint {older[-1]} is intact.")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "inline_container.cc" in str(e) or "No space left" in str(e)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, pinned: set[str] | frozenset[str] = frozenset()) -> None:
