@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task, png_bytes
 from moce_ds.data.images import IMAGE_EXTS, decode_image, is_image_file
+from moce_ds.data.splits import stratified_halves
 
 __all__ = ["TaskData", "load_task_data"]
 

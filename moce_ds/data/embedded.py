@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import atomic_write_json, sha256_file, write_shards
+from moce_ds.data.splits import stratified_halves
 
 __all__ = [
     "DOMAINS",
@@ -400,12 +400,5 @@ def load_task(ds: EmbeddedDataset, name: str) -> tuple[np.ndarray, np.ndarray, n
         ys.append(y + offset)  # why: several domains in one task get disjoint label ranges
         offset += int(y.max()) + 1
     x, y = np.concatenate(xs), np.concatenate(ys)
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    train_idx, test_idx = [], []
-    for c in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == c))
-        half = len(members) // 2
-        train_idx.append(members[:half])
-        test_idx.append(members[half:])
-    tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+    tr, te = stratified_halves(y, name)
     return x[tr], y[tr], x[te], y[te]
