@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_ds_config", "check_ds_config", "micro_batch_size", "grad_accum_steps", "compute_dtype"]
+__all__ = ["load_ds_config", "check_ds_config", "micro_batch_size", "grad_accum_steps", "compute_dtype",
+           "with_comm_dtype_default"]
 
 # Settings the YAML owns; a DeepSpeed JSON that sets them would make two owners for one setting.
 _YAML_OWNED = {"optimizer": "train.lr / train.weight_decay / train.betas", "scheduler": "train.warmup_steps / train.lr"}
@@ -19,9 +20,19 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"DeepSpeed config '{path}' does not exist; pass --deepspeed_config ds_configs/zero2.json.")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"DeepSpeed config '{path}' is not valid JSON (line {e.lineno}: {e.msg}).") from e
+    return with_comm_dtype_default(ds)
+
+
+def with_comm_dtype_default(ds: dict[str, Any]) -> dict[str, Any]:
+    """bf16/fp16 runs reduce(-scatter) gradients in fp32 unless the JSON sets ``communication_data_type``:
+    DeepSpeed's default is the parameters' dtype, and a bf16 sum over many ranks loses the small gradients."""
+    if (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")) and \
+            "communication_data_type" not in ds:
+        ds = dict(ds, communication_data_type="fp32")
+    return ds
 
 
 def check_ds_config(ds: dict[str, Any], uses_moe: bool) -> None:
