@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.launch import ROOT, free_port, write_ds_config
+from moce_ds.engine.distributed import free_port
+from tests.dist.launch import ROOT, write_ds_config
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -15,7 +15,8 @@ import pytest
 
 from moce_ds.engine.checkpoint import complete_tags, latest_tag
 from moce_ds.metrics import read_jsonl
-from tests.dist.launch import ROOT, WORKER, free_port, run_deepspeed, two_rank_overrides
+from moce_ds.engine.distributed import free_port
+from tests.dist.launch import ROOT, WORKER, run_deepspeed, two_rank_overrides
 
 pytestmark = pytest.mark.timeout(900)
 NAN_WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_with_nan.py"
@@ -143,3 +144,64 @@ def test_nonfinite_losses_are_skipped_counted_and_a_streak_stops_the_run(embedde
     assert latest_tag(stop_run / "checkpoints") == "step00000002"  # the last good checkpoint, intact
     assert complete_tags(stop_run / "checkpoints") == ["step00000001", "step00000002"]
     assert before == "step00000010"
+
+
+def _run_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(launcher.pid).children(recursive=True)
+
+
+def _assert_all_gone(procs: list[psutil.Process], within: float = 30) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=within)
+    assert not alive, [" ".join(p.cmdline())[:200] for p in alive]
+
+
+def _assert_resume_matches(run: Path, stopped: int, full_run: Path, ds: Path, embedded_cache: Path) -> None:
+    run_deepspeed(WORKER, [str(ds), "--resume", *two_rank_overrides(run, embedded_cache, 40)])
+    full = {r["step"]: r["loss"] for r in read_jsonl(full_run / "metrics.jsonl")}
+    again = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}
+    assert sorted(again) == list(range(1, 41))
+    for step in (stopped + 1, 40):
+        assert again[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_to_the_deepspeed_launcher_checkpoints_and_leaves_no_orphan(two_rank_run, embedded_cache, tmp_path):
+    """DeepSpeed's runner dies at once on SIGTERM (no handler on one node); the ranks notice, save, and exit."""
+    full_run, ds = two_rank_run
+    run = tmp_path / "launcher_killed"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(ds),
+           *two_rank_overrides(run, embedded_cache, 40), "metrics.report=false"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run, 8, launcher)
+    procs = _run_processes(launcher)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=30)
+    _assert_all_gone(procs)
+    out = launcher.stdout.read()
+    assert re.search(r"stopped by the end of the deepspeed launcher \(pid \d+\) at step \d+; checkpoint .*; "
+                     r"continue with --resume", out), out[-3000:]
+    stopped = read_jsonl(run / "metrics.jsonl")[-1]["step"]
+    assert latest_tag(run / "checkpoints") == f"step{stopped:08d}"
+    _assert_resume_matches(run, stopped, full_run, ds, embedded_cache)
+
+
+def test_sigint_to_the_supervised_process_group_stops_every_rank_and_returns_0(two_rank_run, embedded_cache,
+                                                                              tmp_path):
+    full_run, ds = two_rank_run
+    run = tmp_path / "group_sigint"
+    cmd = [sys.executable, str(ROOT / "launchers" / "supervise.py"), "--num_gpus", "2", "--master_port",
+           str(free_port()), str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(ds),
+           *two_rank_overrides(run, embedded_cache, 40), "metrics.report=false"]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own process group, as a shell job is
+    _wait_for_step(run, 8, launcher)
+    procs = _run_processes(launcher)
+    os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, out[-3000:]
+    _assert_all_gone(procs)
+    stopped = read_jsonl(run / "metrics.jsonl")[-1]["step"]
+    assert f"stopped by SIGINT at step {stopped}; checkpoint" in out, out[-3000:]
+    assert "SIGTERM" not in out
+    assert latest_tag(run / "checkpoints") == f"step{stopped:08d}"
+    _assert_resume_matches(run, stopped, full_run, ds, embedded_cache)
