@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from moce_ds.evaluation.encoders import to_tensor
+from moce_ds.model.device import autocast, inference, resolve_device
 
 __all__ = ["linear_probe", "knn", "finetune"]
 
@@ -36,13 +37,18 @@ def knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np
 
 
 def finetune(vit: nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-             epochs: int = 10, lr: float = 5e-4, batch_size: int = 64, seed: int = 0) -> float:
-    """Short full fine-tune (AdamW, cosine, random flips) of a copy of `vit` with a new head -> top-1."""
+             epochs: int = 10, lr: float = 5e-4, batch_size: int = 64, seed: int = 0,
+             device: str | torch.device | None = None) -> float:
+    """Short full fine-tune (AdamW, cosine, random flips) of a copy of `vit` with a new head -> top-1.
+
+    ``device`` (default CPU; "auto": the GPU when there is one): fp32 weights there, bf16 autocast on CUDA; the
+    images stay uint8 on the host and each batch is normalised on the device."""
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     model = copy.deepcopy(vit)
     model.reset_classifier(int(max(train_y.max(), test_y.max())) + 1, global_pool="avg")
-    model.train()
-    x, y = to_tensor(train_x), torch.from_numpy(train_y)
+    model.to(dev).train()
+    x, y = train_x, torch.from_numpy(train_y)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * max(1, len(x) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -50,15 +56,18 @@ def finetune(vit: nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_x: n
         order = torch.randperm(len(x))
         for i in range(0, len(x) - batch_size + 1 if len(x) >= batch_size else 1, batch_size):
             b = order[i: i + batch_size]
-            xb = x[b]
-            flip = torch.rand(len(b)) < 0.5
-            xb[flip] = xb[flip].flip(-1)
-            loss = nn.functional.cross_entropy(model(xb), y[b])
+            xb = to_tensor(x[b.numpy()], device=dev)  # (B, 3, S, S) float32, normalised on the device
+            flip = (torch.rand(len(b)) < 0.5).to(dev)
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            with autocast(dev):
+                logits = model(xb)
+            loss = nn.functional.cross_entropy(logits.float(), y[b].to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(to_tensor(test_x[i: i + 256])).argmax(1) for i in range(0, len(test_x), 256)])
+    with inference(dev):
+        pred = torch.cat([model(to_tensor(test_x[i: i + 256], device=dev)).argmax(1).cpu()
+                          for i in range(0, len(test_x), 256)])
     return float((pred.numpy() == test_y).mean())
