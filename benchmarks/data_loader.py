@@ -98,6 +98,66 @@ def sidecar_cost(num_keys: int, lookups: int) -> dict:
             "batched_gather_us": batched * 1e6, "checksum": s % 997}
 
 
+def _photo_jpegs(n: int, size: tuple[int, int] = (500, 375)) -> list[bytes]:
+    """n JPEGs of ImageNet's typical 500x375 size with photo-like content (smooth fields plus fine noise)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize(size, Image.BICUBIC)
+        a = np.asarray(base, np.int16) + rng.integers(-12, 13, (size[1], size[0], 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def crop_rates(n: int = 300, image_size: int = 224) -> list[dict]:
+    """Per-core images/s of one sample's decode + MAE augmentation at ``image_size``: MAE's reference transform
+    (PIL decode, bicubic RandomResizedCrop(0.2, 1), flip, ToTensor, Normalize) against this loader's float32,
+    uint8 and uint8 + JPEG draft-mode paths (one thread, in process)."""
+    import io
+    import random
+
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from moce_ds.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from moce_ds.data.loader import _Process
+
+    jpegs = _photo_jpegs(n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ref = T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                     T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def mae(b: bytes):
+        with Image.open(io.BytesIO(b)) as im:
+            return ref(im.convert("RGB"))
+
+    paths = {"mae_reference": mae}
+    for name, u8, draft in (("loader_float32", False, False), ("loader_uint8", True, False),
+                            ("loader_uint8_draft", True, True)):
+        proc, rng = _Process(None, image_size, False, 0, 0, 0, uint8=u8, draft=draft), random.Random(0)
+        paths[name] = lambda b, proc=proc, rng=rng: proc._decode_augment(b, rng)
+    out = []
+    for name, fn in paths.items():
+        fn(jpegs[0])
+        t = time.perf_counter()
+        for b in jpegs:
+            fn(b)
+        out.append({"path": name, "images_per_s_per_core": n / (time.perf_counter() - t), "images": n,
+                    "image_size": image_size, "source": "500x375 JPEG q90"})
+    torch.set_num_threads(threads)
+    base = out[0]["images_per_s_per_core"]
+    for r in out:
+        r["vs_mae_reference"] = r["images_per_s_per_core"] / base
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="timed loader batches per worker setting")
@@ -105,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", type=int, default=1_000_000)
     p.add_argument("--lookups", type=int, default=200_000)
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    p.add_argument("--crop-images", type=int, default=300, help="JPEGs timed per decode + crop path (0: skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     batch = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["train_micro_batch_size_per_gpu"]
@@ -123,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio_to_training"] = r["images_per_s"] / train["images_per_s"]
         records.append(dict(run, kind="loader", workers=w, **r))
     records.append(dict(run, kind="sidecar", **sidecar_cost(args.keys, args.lookups)))
+    if args.crop_images:
+        records += [dict(run, kind="crop", **r) for r in crop_rates(args.crop_images)]
     append_jsonl(RESULTS / "data_loader.jsonl", records)
     for r in records:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
