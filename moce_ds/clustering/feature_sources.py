@@ -43,6 +43,7 @@ from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from moce_ds.data.sidecar import ClusterRound
+from moce_ds.model.device import inference, resolve_device
 
 __all__ = ["FEATURE_KINDS", "ClusterIds", "FeatureExtractor", "FeatureSourceError", "assign_to_round",
            "build_extractor", "checkpoint_spec", "checkpoint_tags_in_use", "encoder_features", "fit_images",
@@ -161,7 +162,7 @@ def _pixel(spec: dict) -> FeatureExtractor:
                             lambda images, index: pixel_features(images))
 
 
-def _checkpoint(spec: dict) -> FeatureExtractor:
+def _checkpoint(spec: dict, dev: torch.device) -> FeatureExtractor:
     run, tag = Path(spec["run"]), spec["tag"]
     folder = run / "checkpoints" / tag
     if not (folder / "mp_rank_00_model_states.pt").is_file():
@@ -171,21 +172,21 @@ def _checkpoint(spec: dict) -> FeatureExtractor:
         raise FeatureSourceError(f"the round {routing_round} that the feature source {folder} routes by no "
                                  f"longer exists")
     pre = load_pretrained(run, tag, centroids=routing_round)
-    model = pre.model
+    model = pre.model.to(dev)
     ids = ClusterIds(pre.round) if model.policy.needs_clusters else None
     mean, std = tuple(spec.get("mean", IMAGENET_MEAN)), tuple(spec.get("std", IMAGENET_STD))
 
     def fn(images: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        cluster = None if ids is None else torch.from_numpy(ids(images, index))
-        with model.policy.inference(model):
-            return encoder_features(model, to_tensor(images, mean, std), cluster).numpy()
+        cluster = None if ids is None else torch.from_numpy(ids(images, index)).to(dev)
+        with model.policy.inference(model), inference(dev):
+            return encoder_features(model, to_tensor(images, mean, std, device=dev), cluster).float().cpu().numpy()
 
     source = f"moce_ds:{run.resolve()}@{tag}"
     return FeatureExtractor(source, f"moce_ds:{pre.cfg.model.size}:{model.spec.embed_dim}", model.spec.img_size,
                             spec, fn)
 
 
-def _timm(spec: dict) -> FeatureExtractor:
+def _timm(spec: dict, dev: torch.device) -> FeatureExtractor:
     import timm
 
     name, weights = spec["name"], spec.get("weights")
@@ -205,47 +206,49 @@ def _timm(spec: dict) -> FeatureExtractor:
             raise FeatureSourceError(f"weights {weights} do not fit timm model {name}: missing {missing[:4]}")
     else:
         logger.warning("timm:%s without a weights file: features of a randomly initialised model", name)
-    model.eval()
+    model.eval().to(dev)
     cfg = model.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     spec = dict(spec, image_size=size, mean=list(mean), std=list(std))
 
-    @torch.no_grad()
     def fn(images: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        tokens = model.forward_features(to_tensor(images, mean, std))
-        feats = tokens[:, prefix:, :].mean(1) if tokens.ndim == 3 else tokens.flatten(1)  # CNNs: [B, C] pooled
-        return torch.nn.functional.normalize(feats.float(), dim=1).numpy()
+        with inference(dev):
+            tokens = model.forward_features(to_tensor(images, mean, std, device=dev))
+            feats = tokens[:, prefix:, :].mean(1) if tokens.ndim == 3 else tokens.flatten(1)  # CNNs: [B, C] pooled
+            return torch.nn.functional.normalize(feats.float(), dim=1).cpu().numpy()
 
     tag = spec["sha256"][:12] if spec.get("sha256") else "random"
     return FeatureExtractor(f"timm:{name}:{tag}", f"timm:{name}", size, spec, fn)
 
 
-FEATURE_KINDS: dict[str, Callable[[dict], FeatureExtractor]] = {
-    "pixel": _pixel,
+FEATURE_KINDS: dict[str, Callable[[dict, torch.device], FeatureExtractor]] = {
+    "pixel": lambda spec, dev: _pixel(spec),  # numpy on the host whatever the device
     "checkpoint": _checkpoint,
     "timm": _timm,
 }
 
 
 @functools.lru_cache(maxsize=16)
-def _build_cached(key: str) -> FeatureExtractor:
+def _build_cached(key: str, device: str) -> FeatureExtractor:
     spec = json.loads(key)
     kind = spec.get("kind")
     if kind not in FEATURE_KINDS:
         raise FeatureSourceError(f"feature source kind {kind!r} is unknown; known kinds: {', '.join(FEATURE_KINDS)}.")
-    return FEATURE_KINDS[kind](spec)
+    return FEATURE_KINDS[kind](spec, torch.device(device))
 
 
-def build_extractor(spec: dict) -> FeatureExtractor:
-    """A spec -> its extractor (models are loaded once per process and spec)."""
-    return _build_cached(json.dumps(spec, sort_keys=True))
+def build_extractor(spec: dict, device: str | torch.device | None = None) -> FeatureExtractor:
+    """A spec -> its extractor on ``device`` ("cpu" default, "cuda[:N]", "auto"; models are loaded once per process,
+    spec and device). The device is not part of the spec: a round made on a GPU is rebuilt on a CPU and back."""
+    return _build_cached(json.dumps(spec, sort_keys=True), str(resolve_device(device)))
 
 
-def make_extractor(features: str, weights: str | None = None, image_size: int = 32) -> FeatureExtractor:
+def make_extractor(features: str, weights: str | None = None, image_size: int = 32,
+                   device: str | torch.device | None = None) -> FeatureExtractor:
     """``pixel`` | a run folder / checkpoint folder of ours | ``timm:<name>`` (with ``weights``)."""
-    return build_extractor(parse_features(features, weights, image_size))
+    return build_extractor(parse_features(features, weights, image_size), device)
 
 
 # ---------------------------------------------------------------------------------------------------- rounds
@@ -268,11 +271,12 @@ def _fix_hint(rnd: ClusterRound) -> str:
             f"re-cluster with launchers/cluster.py (round {rnd.round} is {rnd.path})")
 
 
-def round_extractor(rnd: ClusterRound, override: str | None = None) -> FeatureExtractor:
+def round_extractor(rnd: ClusterRound, override: str | None = None,
+                    device: str | torch.device | None = None) -> FeatureExtractor:
     """The extractor that made ``rnd``'s features, rebuilt from its manifest (or ``override``, a ``--features``
     value, checked to give features of the centroids' width)."""
     if override is not None:
-        ext = make_extractor(override)
+        ext = make_extractor(override, device=device)
         dim = int(rnd.manifest.get("dim", rnd.centroids().shape[1]))
         probe = ext(np.zeros((1, ext.image_size, ext.image_size, 3), np.uint8))
         if probe.shape[1] != dim:
@@ -284,7 +288,7 @@ def round_extractor(rnd: ClusterRound, override: str | None = None) -> FeatureEx
         return ext
     spec = rnd.manifest.get("feature_extractor")
     try:
-        return build_extractor(spec if spec else _legacy_spec(rnd))
+        return build_extractor(spec if spec else _legacy_spec(rnd), device)
     except FeatureSourceError as e:
         raise FeatureSourceError(f"{e}: {_fix_hint(rnd)}.") from None
 

@@ -107,10 +107,11 @@ def run_clustering(
     match: bool = True,
     comm: Communicator | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> ClusterRound:
     """Cluster a shard folder (or ``'embedded'``) into ``k`` clusters and write the next round; returns it on
-    every rank. Each rank featurises every world_size-th shard; features are cached under ``feature_cache``
-    (default ``<clusters root>/features/<source>``) so a rerun resumes."""
+    every rank. Each rank featurises every world_size-th shard (an encoder on ``device``: "cpu", "cuda[:N]", "auto");
+    features are cached under ``feature_cache`` (default ``<clusters root>/features/<source>``) so a rerun resumes."""
     comm = comm if comm is not None else LocalComm()
     t0 = time.perf_counter()
     urls, counts, root = _resolve_data(data, cache_dir, comm)
@@ -118,7 +119,7 @@ def run_clustering(
     if counts is not None and sum(counts) < k:
         raise ValueError(f"--k {k} is more clusters than the {sum(counts)} images of {data}: pass --k of at most "
                          f"{sum(counts)} (moe.num_clusters must then match it).")
-    extractor = make_extractor(features, weights, image_size)
+    extractor = make_extractor(features, weights, image_size, device)
     cache = Path(feature_cache) if feature_cache is not None else _feature_cache(root, extractor)
     x, index, skipped = featurize_shards(urls, extractor, cache, comm, counts, batch_size, progress)
     t_feat = time.perf_counter() - t0
@@ -175,6 +176,7 @@ def assign_new_shards(
     batch_size: int = 256,
     comm: Communicator | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> ClusterRound | None:
     """Assign the shards added to the manifest since a round (default: the latest) to its centroids, featurised by
     the round's own source, and write a new round with the extended ids (ids of existing images unchanged), without
@@ -206,7 +208,7 @@ def assign_new_shards(
         if comm.rank == 0:
             logger.info("nothing to assign: round %d covers all %d images of %s", rnd.round, table.shape[0], data)
         return None
-    extractor = round_extractor(rnd)
+    extractor = round_extractor(rnd, device=device)
     cache = Path(feature_cache) if feature_cache is not None else _feature_cache(root, extractor)
     x, index, skipped = featurize_shards(new_urls, extractor, cache, comm, new_counts, batch_size, progress)
     centroids = rnd.centroids()

@@ -180,3 +180,17 @@ def _copy_tag(run: Path, src: str, dst: str, step: int) -> None:
     meta = json.loads((run / "checkpoints" / dst / META).read_text())
     meta["position"]["step"], meta["tag"] = step, dst
     (run / "checkpoints" / dst / META).write_text(json.dumps(meta))
+
+
+def test_extractor_device_is_not_part_of_the_spec_and_cuda_without_a_gpu_is_refused(tmp_path):
+    # the device is chosen per process: the same spec gives the same features on "cpu" and by default, and a
+    # round's recorded spec never names a device; asking for CUDA on a CPU-only host is one clear error
+    from moce_ds.clustering.feature_sources import build_extractor, pixel_spec
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    a, b = build_extractor(pixel_spec(32)), build_extractor(pixel_spec(32), "cpu")
+    np.testing.assert_array_equal(a(images), b(images))
+    assert "device" not in a.spec
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            build_extractor(pixel_spec(32), "cuda")
