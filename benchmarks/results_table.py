@@ -169,7 +169,8 @@ def transfer_section(rows: list[dict]) -> list[str]:
     steps = max(r["pretrain_steps"] for r in rows if r["method"] == "mae") if any(
         r["method"] == "mae" for r in rows) else "?"
     out = [f"Transfer, run of {r0['time']}: {r0['epochs']} pre-training epochs ({steps} steps) per run, "
-           f"moce_semantic twice that (the MAE's and its own), moce_semantic_equal the same (half each); seeds {seeds}; top-1 % as mean +- 95 % t-interval "
+           f"moce_semantic twice that (the MAE's and its own), moce_semantic_equal the same (half each); "
+           f"seeds {seeds}; top-1 % as mean +- 95 % t-interval "
            f"over seeds (average: of the per-seed task means):"]
     for p in PROTOCOLS:
         body = [[m, *(f"{100 * s[m, p, t][0]:.1f} +- {100 * s[m, p, t][1]:.1f}" if (m, p, t) in s else "-"

@@ -16,7 +16,8 @@ from matplotlib.image import imread
 from prometheus_client.parser import text_string_to_metric_families
 
 from moce_ds.model import get_spec
-from tests.dist.launch import ROOT, WORKER, free_port, two_rank_overrides, write_ds_config
+from moce_ds.engine.distributed import free_port
+from tests.dist.launch import ROOT, WORKER, two_rank_overrides, write_ds_config
 
 
 def _free_port_pair() -> int:

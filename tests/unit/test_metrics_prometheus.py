@@ -8,8 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moce_ds.config import ConfigError, load_config
+from moce_ds.engine.distributed import free_port
 from moce_ds.metrics.prometheus import MetricsExporter, load_cv, write_clustering_textfile
-from tests.dist.launch import free_port
 
 
 def _value(exp: MetricsExporter, name: str, **labels) -> float | None:
