@@ -209,7 +209,8 @@ class _Loop:
             s.data.source, ids_path, batch_size=s.micro, steps_per_epoch=self.micro_per_epoch,
             image_size=s.model.spec.img_size, num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed,
             epoch=st.epoch, shuffle_buffer=self.cfg.data.shuffle_buffer, strict=self.cfg.data.strict,
-            rank=s.info.rank, world_size=s.info.world_size, resampled=self.cfg.data.resampled)
+            rank=s.info.rank, world_size=s.info.world_size, resampled=self.cfg.data.resampled,
+            uint8=True)  # 4x fewer bytes through shared memory; the model normalises on the device
         st.micro_in_epoch = 0
         self.sinks.on_epoch(st.step, st.epoch, None if st.round is None else st.round.round)
         it = iter(loader)
@@ -236,7 +237,7 @@ class _Loop:
         s, st = self.s, self.st
         global_micro = st.epoch * self.micro_per_epoch + st.micro_in_epoch
         torch.manual_seed(step_seed(self.cfg.train.seed, s.info.rank, global_micro))
-        images = batch["images"].to(s.info.device, s.dtype, non_blocking=True)
+        images = batch["images"].to(s.info.device, non_blocking=True)  # uint8: normalised in fp32 by the model
         cluster = batch["cluster"].to(s.info.device, non_blocking=True)
         out, vote = forward_and_vote(s.engine, images, cluster, self.stop.requested)
         st.micro_in_epoch += 1
