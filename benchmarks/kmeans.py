@@ -220,7 +220,7 @@ def mpi_worker() -> None:
     mine = np.array_split(x, comm.world_size)[comm.rank]
     comm.barrier()
     t = time.perf_counter()
-    res = kmeans(mine, MPI_K, iters=MPI_ITERS, tol=0, init=init, comm=comm)
+    res = kmeans(mine, MPI_K, iters=MPI_ITERS, tol=0, init=init, comm=comm, spherical=False)  # Gaussian blobs
     comm.barrier()
     if comm.rank == 0:
         print(json.dumps({"seconds": time.perf_counter() - t, "objective": res.objective[-1]}))

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from moce_ds.clustering.feature_sources import pixel_spec
-from moce_ds.clustering.kmeans import kmeans
+from moce_ds.clustering.kmeans import DEFAULT_SPHERICAL, kmeans
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.embedded import EmbeddedDataset
 from moce_ds.data.sidecar import ClusterRound, latest_round, write_round
@@ -23,14 +23,14 @@ def cluster_embedded(ds: EmbeddedDataset, k: int, seed: int = 0) -> ClusterRound
     t0 = time.perf_counter()
     images, index, _ = ds.train_images()  # [N, 32, 32, 3], [N], [N]
     feats = pixel_features(images)  # [N, D]
-    res = kmeans(feats, k, seed=seed, spherical=True)  # rows are unit norm: spherical is the natural metric
+    res = kmeans(feats, k, seed=seed)  # the shared defaults: pixel rows are unit norm, so spherical
     ids = np.full(int(index.max()) + 1, -1, np.int32)  # [num_images], indexed by global index
     ids[index] = res.assignments
     extra = {
         "seed": seed,
         "objective": res.objective,
         "iterations": len(res.objective),
-        "spherical": True,
+        "spherical": DEFAULT_SPHERICAL,
         "seconds": round(time.perf_counter() - t0, 3),
         "dataset": str(ds.root),
         "feature_extractor": pixel_spec(int(images.shape[1])),

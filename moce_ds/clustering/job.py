@@ -15,7 +15,15 @@ import numpy as np
 from moce_ds.clustering.comm import Communicator, LocalComm
 from moce_ds.clustering.feature_sources import FeatureExtractor, make_extractor, round_extractor
 from moce_ds.clustering.features import featurize_shards
-from moce_ds.clustering.kmeans import KMeansResult, assign, kmeans, unit_rows
+from moce_ds.clustering.kmeans import (
+    DEFAULT_ITERS,
+    DEFAULT_SPHERICAL,
+    DEFAULT_TOL,
+    KMeansResult,
+    assign,
+    kmeans,
+    unit_rows,
+)
 from moce_ds.clustering.matching import apply_matching, match_by_centroids, match_by_overlap
 from moce_ds.data.sidecar import ClusterRound, latest_round, load_round, load_round_at, write_round
 from moce_ds.data.sources import resolve_shards
@@ -93,10 +101,10 @@ def run_clustering(
     k: int,
     features: str = "pixel",
     weights: str | None = None,
-    iters: int = 25,
+    iters: int = DEFAULT_ITERS,
     seed: int = 0,
-    spherical: bool = True,
-    tol: float = 1e-4,
+    spherical: bool = DEFAULT_SPHERICAL,
+    tol: float = DEFAULT_TOL,
     init_sample: int = 100_000,
     out: Path | None = None,
     cache_dir: Path | None = None,
@@ -126,6 +134,13 @@ def run_clustering(
     d = _common_dim(x, comm)
     if not x.size:
         x = np.zeros((0, d), np.float32)
+    # rows that decoded vs images the manifest lists: the one pair of counts the job reports (and checks k against)
+    clustered, num_skipped = (int(v) for v in comm.allreduce_sum(np.array([len(x), sum(skipped.values())])))
+    listed = sum(counts) if counts else clustered + num_skipped
+    if clustered < k:  # every rank raises: none waits in the k-means' first collective
+        raise ValueError(f"--k {k} is more clusters than the {clustered} images of {data} that decode "
+                         f"({num_skipped} of {listed} skipped): pass --k of at most {clustered} (moe.num_clusters "
+                         f"must then match it).")
     res = kmeans(x, k, iters=iters, seed=seed, spherical=spherical, tol=tol, comm=comm, init_sample=init_sample,
                  backend=backend, progress=progress)
     ids = gather_ids(index, res.assignments, comm, sum(counts) if counts else None)
@@ -147,8 +162,10 @@ def run_clustering(
         write_clustering_textfile(root / PROM_TEXTFILE, rnd.round, k, float(res.objective[-1]),
                                   list(rnd.manifest.get("cluster_sizes", [])), len(res.objective),
                                   time.perf_counter() - t0, int((ids >= 0).sum()))
-        logger.info("round %d: k=%d over %d images, objective %.5g after %d iterations (%.1f s)", rnd.round, k,
-                    int((ids >= 0).sum()), res.objective[-1], len(res.objective), time.perf_counter() - t0)
+        why = ", ".join(f"{r} {c}" for r, c in sorted(total_skipped.items()))
+        logger.info("round %d: k=%d over %d of the %d images%s, objective %.5g after %d iterations (%.1f s)",
+                    rnd.round, k, clustered, listed, f" ({num_skipped} skipped: {why})" if num_skipped else "",
+                    res.objective[-1], len(res.objective), time.perf_counter() - t0)
     path = comm.broadcast(path)
     comm.barrier()
     return load_round_at(Path(path))

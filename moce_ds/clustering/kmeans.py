@@ -38,9 +38,11 @@ import torch
 from tqdm import tqdm
 
 from moce_ds.clustering.comm import Communicator, LocalComm
+from moce_ds.config.schema import ClusterConfig
 
-__all__ = ["BACKENDS", "CHUNK_BYTES", "IVF_MIN_K", "KMeansResult", "assign", "cluster_sums", "faiss_gpu_for",
-           "import_faiss", "kmeans", "kmeans_plus_plus", "pick_backend", "set_threads", "unit_rows"]
+__all__ = ["BACKENDS", "CHUNK_BYTES", "DEFAULT_ITERS", "DEFAULT_SPHERICAL", "DEFAULT_TOL", "IVF_MIN_K", "KMeansResult",
+           "assign", "cluster_sums", "faiss_gpu_for", "import_faiss", "kmeans", "kmeans_plus_plus", "pick_backend",
+           "set_threads", "unit_rows"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -49,6 +51,13 @@ IVF_MIN_K = 65536  # below this an exact flat search over the centroids is cheap
 CHUNK_BYTES = 64 << 20  # rows read, searched and summed per step: the bounded working set (~22 k rows at d=768)
 _TORCH_BLOCK_BYTES = 2 << 20  # torch path's score block [rows, k]: small enough to stay in cache for the max/min
 _UNIT_TOL = 1e-5  # |x|^2 within this of 1: rows are taken as already unit (no per-chunk normalising copy)
+
+# The k-means defaults of every caller (this function, the offline job and its launcher, the in-training refresh,
+# the embedded set's first round). The config schema owns them, so `cluster.iters` and `cluster.py --iters` start
+# from one number; config sits below clustering, so it cannot import them from here.
+DEFAULT_ITERS: int = ClusterConfig.iters
+DEFAULT_SPHERICAL: bool = ClusterConfig.spherical  # features are unit norm: cosine k-means
+DEFAULT_TOL: float = ClusterConfig.tol
 
 
 @dataclass
@@ -370,10 +379,10 @@ def _reseed(rows: _Rows, sq: np.ndarray, num: int, comm: Communicator) -> np.nda
 def kmeans(
     x: np.ndarray,
     k: int,
-    iters: int = 25,
+    iters: int = DEFAULT_ITERS,
     seed: int = 0,
-    spherical: bool = False,
-    tol: float = 1e-4,
+    spherical: bool = DEFAULT_SPHERICAL,
+    tol: float = DEFAULT_TOL,
     comm: Communicator | None = None,
     init: np.ndarray | None = None,
     init_sample: int = 100_000,

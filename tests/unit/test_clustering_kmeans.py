@@ -24,7 +24,7 @@ def blobs():
 
 def test_matches_sklearn(blobs):
     # seeds are fixed, so this is deterministic; single runs can land in a local minimum (either library)
-    ours = [kmeans(blobs, 12, iters=50, seed=s).objective[-1] for s in range(6)]
+    ours = [kmeans(blobs, 12, iters=50, seed=s, spherical=False).objective[-1] for s in range(6)]
     best_sk = KMeans(12, n_init=8, random_state=0).fit(blobs).inertia_ / len(blobs)
     assert min(ours) <= best_sk * 1.01
     single_sk = [KMeans(12, n_init=1, random_state=s).fit(blobs).inertia_ / len(blobs) for s in range(6)]
@@ -32,7 +32,7 @@ def test_matches_sklearn(blobs):
 
 
 def test_result_consistent(blobs):
-    r = kmeans(blobs, 12, seed=1)
+    r = kmeans(blobs, 12, seed=1, spherical=False)
     assert r.centroids.shape == (12, 16) and r.centroids.dtype == np.float32
     assert r.assignments.dtype == np.int64 and r.assignments.shape == (2000,)
     assert r.sizes.dtype == np.int64 and r.sizes.tolist() == np.bincount(r.assignments, minlength=12).tolist()
@@ -46,7 +46,7 @@ def test_result_consistent(blobs):
 
 
 def test_deterministic(blobs):
-    a, b, c = kmeans(blobs, 12, seed=7), kmeans(blobs, 12, seed=7), kmeans(blobs, 12, seed=8)
+    a, b, c = (kmeans(blobs, 12, seed=s, spherical=False) for s in (7, 7, 8))
     assert np.array_equal(a.centroids, b.centroids) and a.objective == b.objective
     assert not np.array_equal(a.centroids, c.centroids)
 
@@ -58,7 +58,7 @@ def test_empty_cluster_reseeded():
     b = rng.normal(0, 0.01, (50, 2)) + 100.0
     x = np.concatenate([a, b]).astype(np.float32)
     init = np.array([[0, 0], [0, 0], [50, 50]], np.float32)  # centre 1 ties with centre 0 -> empty
-    r = kmeans(x, 3, iters=10, init=init)
+    r = kmeans(x, 3, iters=10, init=init, spherical=False)
     assert r.reseeded >= 1
     assert (r.sizes > 0).all(), r.sizes
     # the re-seeded centre took a far point, so both groups are split off cleanly
@@ -73,7 +73,7 @@ def test_communicator_called_once_per_iteration(blobs):
             calls.append(a.shape)
             return super().allreduce_sum(a)
 
-    r = kmeans(blobs, 5, iters=5, comm=Spy(), tol=0)
+    r = kmeans(blobs, 5, iters=5, comm=Spy(), tol=0, spherical=False)
     # row count + sample sizes for the init, one per iteration, final sizes
     assert len(calls) == 2 + len(r.objective) + 1
     assert calls[2] == (5 * 16 + 5 + 2,)
@@ -90,8 +90,8 @@ def test_backends_agree(blobs, spherical):
 
 
 def test_ivf_backend_runs(blobs):
-    r = kmeans(blobs, 12, iters=10, backend="faiss_ivf")
-    exact = kmeans(blobs, 12, iters=10, backend="torch")
+    r = kmeans(blobs, 12, iters=10, backend="faiss_ivf", spherical=False)
+    exact = kmeans(blobs, 12, iters=10, backend="torch", spherical=False)
     assert r.objective[-1] <= exact.objective[-1] * 1.05
 
 
@@ -172,6 +172,20 @@ def test_faiss_is_the_default_backend(blobs):
     assert pick_backend(km.IVF_MIN_K) == "faiss_ivf"
     with pytest.raises(ValueError, match="one of"):
         pick_backend(8, "sklearn")
+
+
+def test_one_set_of_kmeans_defaults_owned_by_the_config_schema():
+    import inspect
+
+    from moce_ds.clustering.job import run_clustering
+    from moce_ds.config.schema import ClusterConfig
+
+    cfg = ClusterConfig()
+    assert (km.DEFAULT_ITERS, km.DEFAULT_SPHERICAL, km.DEFAULT_TOL) == (cfg.iters, cfg.spherical, cfg.tol)
+    for fn in (kmeans, run_clustering):
+        params = inspect.signature(fn).parameters
+        assert (params["iters"].default, params["spherical"].default, params["tol"].default) == \
+            (cfg.iters, cfg.spherical, cfg.tol), fn.__name__
 
 
 def test_faiss_loader_lines_are_not_logged_at_info():

@@ -44,7 +44,7 @@ def test_kmeans_uses_its_rank_gpu_and_one_resource(monkeypatch):
         local_rank = 2
 
     x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
-    res = km.kmeans(x, 5, iters=6, tol=0.0, comm=Rank2())
+    res = km.kmeans(x, 5, iters=6, tol=0.0, comm=Rank2(), spherical=False)
     assert len(res.objective) == 6
     assert fake.resources == 1  # not one per Lloyd iteration
     assert set(fake.devices) == {2} and len(fake.devices) == 1  # the index is refilled, not re-copied

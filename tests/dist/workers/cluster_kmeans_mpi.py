@@ -17,8 +17,8 @@ comm = MPIComm()
 z = np.load(src)
 x, init, k = z["x"], z["init"], int(z["k"])
 rows = np.array_split(np.arange(x.shape[0]), comm.world_size)[comm.rank]  # rank r holds block r, in order
-given = kmeans(x[rows], k, iters=30, tol=0, init=init, comm=comm)
-own = kmeans(x[rows], k, iters=50, seed=0, comm=comm)
+given = kmeans(x[rows], k, iters=30, tol=0, init=init, comm=comm, spherical=False)  # blobs: Euclidean
+own = kmeans(x[rows], k, iters=50, seed=0, comm=comm, spherical=False)
 a_given, a_own = comm.gather(given.assignments), comm.gather(own.assignments)
 if comm.rank == 0:
     np.savez(out, given_assign=np.concatenate(a_given), given_obj=np.array(given.objective),
