@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +39,21 @@ def two_rank_run(tmp_path_factory, embedded_cache) -> tuple[Path, Path]:
     ds = write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json")
     run_deepspeed(WORKER, [str(ds), *two_rank_overrides(run, embedded_cache, 40)])
     return run, ds
+
+
+@pytest.fixture(scope="session")
+def user_data_k16(tmp_path_factory, embedded_cache) -> Path:
+    """A user data folder (shards + manifest + one cluster round with k=16)."""
+    root = tmp_path_factory.mktemp("userdata")
+    src = embedded_cache / "embedded-v1"
+    for p in (src / "shards").iterdir():
+        (root / p.name).symlink_to(p)
+    shutil.copytree(src / "clusters", root / "clusters")
+    rounds = sorted((root / "clusters").glob("round_*"))
+    for extra in rounds[1:]:
+        shutil.rmtree(extra)
+    assert json.loads((rounds[0] / "manifest.json").read_text())["k"] == 16
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,9 +16,18 @@ from typing import Any
 
 import yaml
 
+from moce_ds.atomic_files import atomic_write_text
 from moce_ds.config.schema import INIT_TABLES, REFRESH_FEATURES, ROUTINGS, Config
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "parse_overrides"]
+__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "parse_overrides", "diff_configs",
+           "resume_config", "flatten_keys", "LOCKED_ON_RESUME", "ConfigChange"]
+
+# What a resume may not change without --allow-changes: the data, the model's shape and the routing. Changing one
+# silently would continue a checkpoint on other images or through other experts than the run it claims to be.
+LOCKED_ON_RESUME = ("data.path", "data.cache_dir", "data.resampled", "data.cluster_seed", "model.size",
+                    "moe.routing", "moe.num_experts", "moe.num_clusters", "moe.layers", "moe.top_k")
+
+ConfigChange = tuple[str, Any, Any]  # (dotted key, before, after)
 
 
 class ConfigError(ValueError):
@@ -33,6 +43,9 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -65,6 +78,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; everyone means the number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -158,13 +173,22 @@ def _validate(cfg: Config) -> None:
     if m.upcycle_noise and not cfg.model.init_from:
         raise ConfigError("moe.upcycle_noise > 0 perturbs experts copied from a dense MAE: set model.init_from=<dense "
                           "MAE> too, or moe.upcycle_noise=0.")
-    if not 0.0 <= cfg.model.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio={cfg.model.mask_ratio} must be in [0, 1).")
+    if not 0.0 < cfg.model.mask_ratio < 1.0:  # 0 masks nothing: the loss over masked patches is 0/0
+        raise ConfigError(f"model.mask_ratio={cfg.model.mask_ratio} must be in (0, 1), e.g. 0.75 (MAE's default).")
     t = cfg.train
     if t.epochs < 1 or t.max_steps < 0:
         raise ConfigError("train.epochs must be >= 1 and train.max_steps >= 0 (0: no step limit).")
-    if len(t.betas) != 2:
-        raise ConfigError(f"train.betas must have two values, got {t.betas}.")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas={t.betas} must be two values in [0, 1), e.g. [0.9, 0.95].")
+    if not t.lr > 0:  # also refuses nan
+        raise ConfigError(f"train.lr={t.lr} must be > 0 (the peak learning rate, e.g. 1.5e-3).")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}] (the cosine schedule's floor).")
+    if t.weight_decay < 0 or t.warmup_steps < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} and train.warmup_steps={t.warmup_steps} must be >= 0.")
+    if t.log_every < 1 or t.save_every_epochs < 1 or t.save_every_steps < 0 or t.keep_checkpoints < 0:
+        raise ConfigError("train.log_every and train.save_every_epochs must be >= 1, train.save_every_steps >= 0 "
+                          "(0: epoch ends only) and train.keep_checkpoints >= 0 (0: keep all).")
     c = cfg.cluster
     if c.refresh_every < 0 or c.max_images < 0:
         raise ConfigError("cluster.refresh_every and cluster.max_images must be >= 0 (0: off / all images).")
@@ -187,8 +211,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("output_dir is empty; set output_dir=runs/<name>.")
 
 
-def load_config(yaml_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults < each YAML file in order < overrides. Raises ConfigError on any problem."""
+def _layers(yaml_files: list[str | Path], overrides: list[str]) -> dict[str, Any]:
+    """Each YAML file in order < overrides, as one nested dict (no defaults, not yet checked)."""
     merged: dict[str, Any] = {}
     for path in yaml_files:
         path = Path(path)
@@ -201,10 +225,65 @@ def load_config(yaml_files: list[str | Path] = (), overrides: list[str] = ()) ->
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, moe:, ...).")
         merged = _merge(merged, data)
-    merged = _merge(merged, parse_overrides(list(overrides)))
-    cfg = _build(Config, merged, "")
+    return _merge(merged, parse_overrides(list(overrides)))
+
+
+def _checked(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree, "")
     _validate(cfg)
     return cfg
+
+
+def load_config(yaml_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults < each YAML file in order < overrides. Raises ConfigError on any problem."""
+    return _checked(_layers(list(yaml_files), list(overrides)))
+
+
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (a config or DeepSpeed JSON as dotted keys, for diffs)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def diff_configs(before: Config, after: Config) -> list[ConfigChange]:
+    """Every dotted key whose value differs, in schema order: [('train.epochs', 10, 20), ...]."""
+    a, b = flatten_keys(config_to_dict(before)), flatten_keys(config_to_dict(after))
+    return [(k, a[k], b[k]) for k in a if a[k] != b[k]]
+
+
+def resume_config(yaml_files: list[str | Path] = (), overrides: list[str] = (),
+                  allow_changes: bool = False) -> tuple[Config, list[ConfigChange]]:
+    """The config a `--resume` continues with: the run's saved config.yaml < YAML files < overrides.
+
+    The run folder is the output_dir the YAML files and overrides name (or the default). A run folder without a
+    config.yaml resumes from the command line alone (no changes to report). Changes to LOCKED_ON_RESUME keys are
+    refused unless `allow_changes`. Returns the config and the changes against the saved one.
+    """
+    tree = _layers(list(yaml_files), list(overrides))
+    run_dir = Path(tree.get("output_dir") or Config().output_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return _checked(tree), []
+    try:
+        saved_tree = yaml.safe_load(saved_path.read_text()) or {}
+        saved = _checked(saved_tree)
+    except (yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"the run's {saved_path} cannot be read back ({e}): restore it, or resume with the full "
+                          f"command line in a new output_dir.") from e
+    cfg = _checked(_merge(saved_tree, dict(tree, output_dir=str(run_dir))))
+    changes = [c for c in diff_configs(saved, cfg) if c[0] != "output_dir"]  # a moved run folder is no change
+    locked = [c for c in changes if c[0] in LOCKED_ON_RESUME]
+    if locked and not allow_changes:
+        what = "; ".join(f"{k} from {a!r} to {b!r}" for k, a, b in locked)
+        raise ConfigError(f"--resume would change {what} (the run in {run_dir} was made with the former): drop the "
+                          f"override or --config file that sets it, or pass --allow-changes to continue the "
+                          f"checkpoint under the new setting.")
+    return cfg, changes
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -213,7 +292,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

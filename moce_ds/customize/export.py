@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
+from moce_ds.atomic_files import atomic_write, atomic_write_text
 from moce_ds.model import MAESpec, MaskedAutoencoderViT
 
 __all__ = ["dense_state_dict", "timm_vit", "timm_kwargs", "save_dense", "dense_sidecar", "load_dense"]
@@ -68,13 +69,6 @@ def dense_sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json") if path.suffix == ".pth" else path.with_suffix(".json")
 
 
-def _write_atomically(path: Path, write) -> None:
-    # a reader (or a crash) never sees half a file: write beside it, then rename over it
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def save_dense(state: dict[str, torch.Tensor], path: Path, vit_kwargs: dict) -> Path:
     """`state` as `.safetensors` (what timm's load_checkpoint and create_model(checkpoint_path=...) read) plus its
     sidecar holding the VisionTransformer(...) arguments, so evaluate.py rebuilds the architecture untold."""
@@ -83,9 +77,9 @@ def save_dense(state: dict[str, torch.Tensor], path: Path, vit_kwargs: dict) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     # the sidecar first: once the weights exist, so does their description
     meta = json.dumps({"vision_transformer": vit_kwargs}, indent=1)
-    _write_atomically(dense_sidecar(path), lambda tmp: tmp.write_text(meta))
+    atomic_write_text(dense_sidecar(path), meta)
     tensors = {k: v.contiguous() for k, v in state.items()}  # safetensors stores only contiguous, unshared tensors
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     return path
 
 

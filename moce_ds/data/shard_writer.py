@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from moce_ds.atomic_files import atomic_write_json
 from moce_ds.data.keys import key_index
 
 __all__ = ["add_member", "atomic_write_json", "sha256_file", "write_shards"]
@@ -24,17 +24,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    """Write JSON to ``path`` via a temp file + ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moce_ds.atomic_files import atomic_write_text
 from moce_ds.checkpoints import records
 from moce_ds.checkpoints.records import LATEST, META, complete_tags, read_meta, verify_tag
 from moce_ds.config.schema import Config
@@ -26,7 +27,8 @@ from moce_ds.engine.distributed import all_reduce_sum
 from moce_ds.moe.policies import routing_policy
 
 __all__ = ["model_signature", "checkpoint_dir", "latest_tag", "complete_tags", "verify_tag", "read_meta",
-           "check_resume_compatible", "save_checkpoint", "prune_checkpoints", "CheckpointSpaceError"]
+           "check_resume_compatible", "check_resume_ep_size", "written_by_ranks", "save_checkpoint",
+           "prune_checkpoints", "CheckpointSpaceError"]
 
 log = logging.getLogger("moce_ds")
 _MIB = 2**20
@@ -58,7 +60,22 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
 
-def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str) -> None:
+# one ZeRO optimizer-state file per data-parallel rank (bf16_ prefix under bf16): what the meta of checkpoints
+# written before world_size was recorded still tells about the ranks that wrote them
+_ZERO_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+
+
+def written_by_ranks(meta: dict[str, Any]) -> int | None:
+    """How many ranks wrote a checkpoint: recorded, or counted from its ZeRO files; None when unknown."""
+    if "world_size" in meta:
+        return int(meta["world_size"])
+    ranks = {m.group(1) for name in meta.get("files", {}) if (m := _ZERO_RANK_FILE.fullmatch(name))}
+    return len(ranks) or None
+
+
+def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str, world_size: int) -> None:
+    """The checkpoint was written by this model on this many ranks (before ep_size is resolved, which would name the
+    world size instead of the real cause)."""
     want, have = model_signature(cfg), meta["signature"]
     diffs = [f"{k}: checkpoint {have.get(k)!r} vs config {v!r}" for k, v in want.items() if have.get(k) != v]
     if diffs:
@@ -66,19 +83,29 @@ def check_resume_compatible(cfg: Config, meta: dict[str, Any], tag: str) -> None
             f"checkpoint '{tag}' in {cfg.output_dir} was written by a different model ({'; '.join(diffs)}): "
             f"resume with the checkpoint's settings or choose a new output_dir."
         )
+    # ZeRO-2 keeps each rank's slice of the optimizer state (and each expert group's) in that rank's own file;
+    # DeepSpeed does not re-partition it on load, so another world size or ep_size fails deep inside load_checkpoint
+    ranks = written_by_ranks(meta)
+    if ranks is not None and ranks != world_size:
+        raise ValueError(
+            f"checkpoint '{tag}' in {cfg.output_dir} was written by {ranks} rank(s); this run has {world_size}: "
+            f"resume with --num_gpus {ranks} (changing the number of ranks on resume is not supported: ZeRO-2 "
+            f"partitions the optimizer state per rank).")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def check_resume_ep_size(cfg: Config, meta: dict[str, Any], tag: str, ep_size: int) -> None:
+    if "ep_size" in meta and int(meta["ep_size"]) != ep_size:
+        raise ValueError(
+            f"checkpoint '{tag}' in {cfg.output_dir} was written with ep_size {meta['ep_size']}; this run resolves "
+            f"ep_size {ep_size}: resume with moe.ep_size={meta['ep_size']} (the expert optimizer state is "
+            f"partitioned per expert-parallel group).")
 
 
-def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_main: bool, barrier) -> Path:
-    """Every rank calls this. Returns the tag folder once the checkpoint is complete on every rank."""
+def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_main: bool, barrier,
+                    layout: dict[str, int] | None = None) -> Path:
+    """Every rank calls this. Returns the tag folder once the checkpoint is complete on every rank.
+
+    `layout` ({"world_size": .., "ep_size": ..}) is recorded so a resume on another layout is refused up front."""
     ckpt_dir = checkpoint_dir(cfg)
     folder = ckpt_dir / tag
     # every rank checks (node-local disks differ); all stop together, before anything is written
@@ -89,7 +116,7 @@ def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_
     if is_main and (folder / META).exists():
         (folder / META).unlink()  # re-saving a tag: it is incomplete until this save finishes
     barrier()
-    meta = {"signature": model_signature(cfg), "position": position, "tag": tag}
+    meta = {"signature": model_signature(cfg), "position": position, "tag": tag, **(layout or {})}
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"moce": meta}, save_latest=False)
     except (RuntimeError, OSError) as e:  # torch's "enforce fail at inline_container.cc" is a failed write
@@ -102,8 +129,8 @@ def save_checkpoint(engine, cfg: Config, tag: str, position: dict[str, Any], is_
     barrier()  # every rank's files are on disk
     if is_main:
         meta["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
-        _atomic_write(folder / META, json.dumps(meta, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)  # informational; resume trusts the completion records
+        atomic_write_text(folder / META, json.dumps(meta, indent=1))
+        atomic_write_text(ckpt_dir / LATEST, tag)  # informational; resume trusts the completion records
     barrier()
     return folder
 

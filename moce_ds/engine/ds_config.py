@@ -35,8 +35,9 @@ def with_comm_dtype_default(ds: dict[str, Any]) -> dict[str, Any]:
     return ds
 
 
-def check_ds_config(ds: dict[str, Any], uses_moe: bool) -> None:
-    """Refuse what DeepSpeed would crash on later (or silently get wrong) with a one-line fix."""
+def check_ds_config(ds: dict[str, Any], uses_moe: bool, device_type: str = "cuda") -> None:
+    """Refuse what DeepSpeed would crash on later (or silently get wrong) with a one-line fix. `device_type`: where
+    this rank computes (cpu / cuda)."""
     for key, owner in _YAML_OWNED.items():
         if key in ds:
             raise ValueError(f"the DeepSpeed config sets '{key}', which the YAML config owns ({owner}): remove it.")
@@ -55,6 +56,10 @@ def check_ds_config(ds: dict[str, Any], uses_moe: bool) -> None:
                          "config.")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ValueError("the DeepSpeed config enables both fp16 and bf16: enable one.")
+    if ds.get("fp16", {}).get("enabled") and device_type != "cuda":
+        # DeepSpeed's CPU accelerator has no fp16 training: the run would train in another precision, silently
+        raise ValueError(f"the DeepSpeed config enables fp16, which this {device_type} run cannot train in: use "
+                         f"ds_configs/zero2.json (fp32) or ds_configs/zero2_bf16.json (bf16), or run on a GPU.")
 
 
 def micro_batch_size(ds: dict[str, Any]) -> int:

@@ -77,6 +77,7 @@ class LoopSetup:
     steps_per_epoch: int
     total_steps: int  # epochs x steps_per_epoch (train.max_steps may stop earlier)
     dtype: torch.dtype
+    ep_size: int = 1  # expert-parallel group size (recorded in each checkpoint)
 
 
 @dataclass
@@ -320,7 +321,8 @@ class _Loop:
         s, st = self.s, self.st
         position = {"step": st.step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                     "cluster_round": None if st.round is None else str(st.round.path.resolve())}  # the round in use
-        path = save_checkpoint(s.engine, self.cfg, f"step{st.step:08d}", position, s.info.is_main, barrier)
+        path = save_checkpoint(s.engine, self.cfg, f"step{st.step:08d}", position, s.info.is_main, barrier,
+                               layout={"world_size": s.info.world_size, "ep_size": s.ep_size})
         if s.info.is_main:  # a checkpoint that a clustering round names as its feature source is kept
             prune_checkpoints(checkpoint_dir(self.cfg), self.cfg.train.keep_checkpoints,
                               checkpoint_tags_in_use(s.data.clusters_root, Path(self.cfg.output_dir)))

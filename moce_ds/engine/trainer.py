@@ -6,15 +6,22 @@ is written, so a bad config or an incompatible resume destroys nothing on disk.
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 from pathlib import Path
 
 import deepspeed
 
+from moce_ds.atomic_files import atomic_write_text
 from moce_ds.checkpoints.dense_weights import read_dense_mae
-from moce_ds.config import Config, save_config
-from moce_ds.engine.checkpoint import check_resume_compatible, checkpoint_dir, latest_tag, read_meta
+from moce_ds.config import Config, ConfigChange, flatten_keys, save_config
+from moce_ds.engine.checkpoint import (
+    check_resume_compatible,
+    check_resume_ep_size,
+    checkpoint_dir,
+    latest_tag,
+    read_meta,
+)
 from moce_ds.engine.distributed import barrier, init_distributed, resolve_ep_size
 from moce_ds.engine.ds_config import check_ds_config, compute_dtype, grad_accum_steps, load_ds_config, micro_batch_size
 from moce_ds.engine.preemption import StopRequest
@@ -32,7 +39,7 @@ __all__ = ["PretrainResult", "pretrain", "step_seed", "NonFiniteLossError"]
 log = logging.getLogger("moce_ds")
 
 
-def _check_output_dir(cfg: Config, resume: bool) -> tuple[str | None, dict | None]:
+def _check_output_dir(cfg: Config, resume: bool, world_size: int) -> tuple[str | None, dict | None]:
     ckpt = checkpoint_dir(cfg)
     tag = latest_tag(ckpt) if ckpt.is_dir() else None
     if resume:
@@ -40,7 +47,7 @@ def _check_output_dir(cfg: Config, resume: bool) -> tuple[str | None, dict | Non
             raise ValueError(f"--resume was given but {ckpt} holds no complete checkpoint; drop --resume to start "
                              f"a new run there.")
         meta = read_meta(ckpt, tag)
-        check_resume_compatible(cfg, meta, tag)
+        check_resume_compatible(cfg, meta, tag, world_size)
         return tag, meta
     if tag is not None:
         raise ValueError(f"output_dir={cfg.output_dir} already holds checkpoints (latest '{tag}'): pass --resume to "
@@ -48,7 +55,10 @@ def _check_output_dir(cfg: Config, resume: bool) -> tuple[str | None, dict | Non
     return None, None
 
 
-def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> PretrainResult:
+def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False,
+             changes: list[ConfigChange] = ()) -> PretrainResult:
+    """Pre-train (or, with `resume`, continue) the run in cfg.output_dir. `changes` are a resume's config changes
+    against the run's saved config.yaml (moce_ds.config.resume_config): logged, and the old config archived."""
     info = init_distributed()
     setup_logging(None, info.rank)  # console only until the run folder may be written
     run_dir = Path(cfg.output_dir)
@@ -57,18 +67,18 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     # ---- every check before the first write
     ds = load_ds_config(ds_config_path)
     policy = routing_policy(cfg.moe)
-    check_ds_config(ds, policy.uses_moe)
+    policy.moe_blocks(get_spec(cfg.model.size).depth)  # moe.layers outside the encoder: before DeepSpeed starts
+    check_ds_config(ds, policy.uses_moe, info.device.type)
+    resume_tag, resume_meta = _check_output_dir(cfg, resume, info.world_size)
     ep_size = resolve_ep_size(cfg.moe.ep_size, cfg.moe.num_experts, info.world_size) if policy.uses_moe else 1
-    resume_tag, resume_meta = _check_output_dir(cfg, resume)
+    if resume_meta is not None:
+        check_resume_ep_size(cfg, resume_meta, resume_tag, ep_size)
     # read and checked here, so a bad model.init_from leaves nothing written; on resume the checkpoint wins
     dense = None if resume or not cfg.model.init_from else read_dense_mae(cfg.model.init_from, get_spec(cfg.model.size))
     data = prepare_training_data(cfg, info)  # may build the embedded set; writes nothing into the run folder
     barrier()  # rank 0 must not write the run folder before every rank has checked it
 
     setup_logging(run_dir, info.rank)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        shutil.copyfile(ds_config_path, run_dir / "ds_config.json")
     log.info("world size %d (%s), ep_size %d, routing %s, %d experts", info.world_size, info.backend, ep_size,
              cfg.moe.routing, cfg.moe.num_experts)
     log.info("data: %s; cluster round %s", data.description, None if data.round is None else data.round.round)
@@ -109,6 +119,8 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
         step, epoch, skip_micro = pos["step"], pos["epoch"], pos["micro_in_epoch"]
         log.info("resumed from '%s' at step %d (epoch %d, %d micro-batches into it)", resume_tag, step, epoch,
                  skip_micro)
+    if info.is_main:  # only now: a start or resume that failed above left the run's record as it was
+        _write_run_record(run_dir, cfg, Path(ds_config_path), list(changes))
 
     metrics = JsonlWriter(run_dir / "metrics.jsonl", keep_through_step=step) if info.is_main else None
     load_meter = ExpertLoadMeter(model.moe_layers(), cfg.moe.num_experts)
@@ -117,7 +129,8 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     stop = StopRequest().install()
     watchdog = PeerWatchdog(info.rank, info.world_size, cfg.train.peer_timeout_s).start()
     try:
-        result = train_loop(LoopSetup(cfg, info, engine, model, data, micro, accum, epoch_steps, total_steps, dtype),
+        result = train_loop(LoopSetup(cfg, info, engine, model, data, micro, accum, epoch_steps, total_steps, dtype,
+                                      ep_size),
                             LoopState(step, epoch, skip_micro), stop, load_meter, metrics, exporter)
     except RuntimeError as e:
         if isinstance(e, NonFiniteLossError):
@@ -135,6 +148,33 @@ def pretrain(cfg: Config, ds_config_path: str | Path, resume: bool = False) -> P
     if info.is_main and cfg.metrics.report and result.checkpoint is not None:
         _write_report(run_dir)
     return result
+
+
+def _write_run_record(run_dir: Path, cfg: Config, ds_config_path: Path, changes: list[ConfigChange]) -> None:
+    """config.yaml and ds_config.json describe the run from here on. When a resume changes either, the previous
+    pair is kept as config.<n>.yaml / ds_config.<n>.json (n = 1, 2, ...) and each change is logged."""
+    cfg_path, ds_path = run_dir / "config.yaml", run_dir / "ds_config.json"
+    ds_text = ds_config_path.read_text()
+    ds_changes = []
+    if ds_path.is_file() and ds_path.read_text() != ds_text:
+        old, new = flatten_keys(json.loads(ds_path.read_text())), flatten_keys(json.loads(ds_text))
+        ds_changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if (changes or ds_changes) and cfg_path.is_file():
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists() or (run_dir / f"ds_config.{n}.json").exists():
+            n += 1
+        cfg_path.replace(run_dir / f"config.{n}.yaml")
+        if ds_path.is_file():
+            ds_path.replace(run_dir / f"ds_config.{n}.json")
+        log.info("resume changes the run's settings (the previous ones are kept as config.%d.yaml, "
+                 "ds_config.%d.json):", n, n)
+        for key, before, after in changes:
+            log.info("  resume changes %s: %r -> %r", key, before, after)
+        for key, before, after in ds_changes:
+            log.info("  resume changes the DeepSpeed config's %s: %r -> %r", key, before, after)
+    save_config(cfg, cfg_path)
+    if not ds_path.is_file() or ds_path.read_text() != ds_text:
+        atomic_write_text(ds_path, ds_text)
 
 
 def _write_report(run_dir: Path) -> None:

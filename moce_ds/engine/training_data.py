@@ -80,10 +80,24 @@ def prepare_training_data(cfg: Config, info: DistInfo) -> TrainingData:
             raise ValueError(f"moe.routing=cluster needs cluster ids, and {data.description} has no clustering "
                              f"round: run launchers/cluster.py on it first.")
         check_round_matches(data.round, cfg.moe.num_clusters)
+        _check_round_covers(data.round, data)
     if not cfg.data.resampled and data.shard_counts is None:
         raise ValueError(f"data.resampled=false needs per-shard sample counts, and {data.description} has no "
                          f"shard manifest: write the shards with launchers/make_shards.py or use data.resampled=true.")
     return data
+
+
+def _check_round_covers(rnd: ClusterRound, data: TrainingData) -> None:
+    """A round holds one id per image, indexed by the key's global index (0..N-1); fewer ids than the shards' images
+    means images the round never saw (shards added since, or a truncated ids.npy): each would be skipped per sample.
+    """
+    have = int(rnd.ids(mmap=True).shape[0])
+    if have < data.num_samples:
+        shards = data.clusters_root.parent if data.clusters_root is not None else data.description
+        raise ValueError(
+            f"cluster round {rnd.round} at {rnd.path} has ids for {have} images but {data.description} holds "
+            f"{data.num_samples}: give the new images ids with `python launchers/cluster.py --data {shards} "
+            f"--assign-only`, or re-cluster with launchers/cluster.py (a truncated ids.npy: restore or re-cluster).")
 
 
 def steps_per_epoch(cfg: Config, data: TrainingData, micro: int, accum: int, world_size: int) -> int:
@@ -114,6 +128,7 @@ def epoch_round(cfg: Config, data: TrainingData, current: ClusterRound | None) -
         return current
     rnd = load_round(data.clusters_root, int(picked))
     check_round_matches(rnd, cfg.moe.num_clusters)
+    _check_round_covers(rnd, data)
     if current is not None:
         log.info("cluster round %d -> %d (k=%d, %s)", current.round, rnd.round, rnd.k,
                  rnd.manifest.get("feature_source", "?"))

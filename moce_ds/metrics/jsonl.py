@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from moce_ds.atomic_files import atomic_write_text
+
 __all__ = ["JsonlWriter", "read_jsonl", "append_jsonl", "supersede_after"]
 
 log = logging.getLogger("moce_ds")
@@ -63,9 +65,7 @@ def supersede_after(path: Path, step: int) -> int:
         return 0
     with path.with_name(path.stem + ".superseded.jsonl").open("a") as f:
         f.write("".join(line + "\n" for line in moved))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
     log.warning("resumed at step %d: %d later record(s) of %s, trained again from the checkpoint, moved to %s",
                 step, len(moved), path, path.with_name(path.stem + ".superseded.jsonl"))
     return len(moved)

@@ -26,6 +26,7 @@ log = logging.getLogger("moce_ds")
 
 _PER_DOMAIN = 4  # held-out images per embedded domain in the reconstruction grid
 _MAX_PER_ROW = 6  # images shown per expert row
+_USER_SAMPLE = 16  # user shards carry no held-out split: the first this many good images of the first shard
 
 
 def _num(v) -> float:
@@ -162,10 +163,34 @@ def _grey(target: torch.Tensor) -> torch.Tensor:
     return grey.repeat(p2).view(1, 1, -1)  # patchify's channel-last (p, p, 3) order
 
 
-def _heldout(pre, per_domain: int) -> tuple[np.ndarray, list[str]] | None:
-    """A few held-out images per embedded domain: (N, S, S, 3) uint8 and their domains; None for other data."""
-    if pre.cfg.data.path:
+def _first_shard_sample(pre, n: int) -> tuple[np.ndarray, list[str]] | None:
+    """The first `n` good images of the run's first shard: (N, S, S, 3) uint8 and 'shard:index' labels; the same
+    images in every report of the run (and across runs on the same shards). None when the shards are unreadable."""
+    from moce_ds.clustering.features import decode_shard
+    from moce_ds.data.sources import resolve_shards
+
+    path = Path(pre.cfg.data.path)
+    try:
+        url = resolve_shards(path).urls[0]
+    except (ValueError, OSError, IndexError) as e:
+        log.warning("report: no reconstruction sample from data.path=%s (%s)", path, e)
         return None
+    images, labels = [], []
+    for item in decode_shard(url, pre.model.spec.img_size):
+        if isinstance(item, str):
+            continue  # a skipped sample (its reason is the loader's business)
+        labels.append(f"{Path(url).stem}:{item[0]}")
+        images.append(item[1])
+        if len(images) == n:
+            break
+    return (np.stack(images), labels) if images else None
+
+
+def _heldout(pre, per_domain: int) -> tuple[np.ndarray, list[str]] | None:
+    """A few held-out images per embedded domain, or a fixed sample of the first user shard: (N, S, S, 3) uint8 and
+    a label per image (its domain, or shard:index)."""
+    if pre.cfg.data.path:
+        return _first_shard_sample(pre, _USER_SAMPLE)
     from moce_ds.data.embedded import build_embedded_dataset
 
     ds = build_embedded_dataset(Path(pre.cfg.data.cache_dir) if pre.cfg.data.cache_dir else None)
@@ -185,7 +210,7 @@ def _plot_reconstructions(pre, probs: dict[int, np.ndarray], out: Path) -> tuple
 
     held = _heldout(pre, _PER_DOMAIN)
     if held is None:
-        return None, "Reconstructions: only for runs on the embedded data set (it carries a held-out split)."
+        return None, f"Reconstructions: no readable images in data.path={pre.cfg.data.path}."
     images, domains = held
     model = pre.model
     size = model.spec.img_size
@@ -221,8 +246,10 @@ def _plot_reconstructions(pre, probs: dict[int, np.ndarray], out: Path) -> tuple
     fig.savefig(path, dpi=110)
     plt.close(fig)
     counts = ", ".join(f"{k}: {len(v)}" for k, v in rows.items())
-    return path, (f"Reconstructions of {len(images)} held-out images ({_PER_DOMAIN} per domain, mask ratio "
-                  f"{model.mask_ratio}), grouped by routing ({counts}); at most {_MAX_PER_ROW} shown per row.")
+    which = (f"the first {len(images)} images of the first shard (user shards carry no held-out split: these are "
+             f"training images)" if pre.cfg.data.path else f"{len(images)} held-out images ({_PER_DOMAIN} per domain)")
+    return path, (f"Reconstructions of {which}, mask ratio {model.mask_ratio}, grouped by routing ({counts}); at "
+                  f"most {_MAX_PER_ROW} shown per row.")
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:

@@ -42,21 +42,6 @@ def finished_run(tmp_path_factory, embedded_cache) -> tuple[Path, Path]:
     return run, ds
 
 
-@pytest.fixture(scope="module")
-def user_data_k16(tmp_path_factory, embedded_cache) -> Path:
-    """A user data folder (shards + manifest + one cluster round with k=16)."""
-    root = tmp_path_factory.mktemp("userdata")
-    src = embedded_cache / "embedded-v1"
-    for p in (src / "shards").iterdir():
-        (root / p.name).symlink_to(p)
-    shutil.copytree(src / "clusters", root / "clusters")
-    rounds = sorted((root / "clusters").glob("round_*"))
-    for extra in rounds[1:]:
-        shutil.rmtree(extra)
-    assert json.loads((rounds[0] / "manifest.json").read_text())["k"] == 16
-    return root
-
-
 def _init_from_files(tmp: Path) -> tuple[Path, Path, Path]:
     """model.init_from files that do not fit model.size=mini: a mini MAE (official MAE layout), the same with patch 8,
     and a timm ResNet (safetensors)."""
@@ -77,11 +62,29 @@ def _init_from_files(tmp: Path) -> tuple[Path, Path, Path]:
     return tmp / "mini_mae.pth", tmp / "patch8_mae.pth", tmp / "resnet.safetensors"
 
 
-def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path) -> list[tuple[list[str], str, Path]]:
+def _short_sidecar(user_data: Path, tmp: Path) -> tuple[Path, Path]:
+    """A copy of the user data folder whose round's ids.npy lost its last 8 ids; returns (folder, round folder)."""
+    import numpy as np
+
+    short = tmp / "short_sidecar"
+    short.mkdir()
+    for p in user_data.iterdir():
+        if p.name != "clusters":
+            (short / p.name).symlink_to(p.resolve())
+    shutil.copytree(user_data / "clusters", short / "clusters")
+    rnd = sorted((short / "clusters").glob("round_*"))[0]
+    np.save(rnd / "ids.npy", np.load(rnd / "ids.npy")[:-8])
+    return short, rnd
+
+
+def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path,
+           two_rank: Path) -> list[tuple[list[str], str, Path]]:
     zero3 = write_ds_config(tmp / "zero3.json", zero_optimization={"stage": 3})
+    fp16 = write_ds_config(tmp / "fp16.json", fp16={"enabled": True})
     new = tmp / "new_run"
     common = [f"data.cache_dir={cache}", "data.num_workers=0"]
     mini_mae, patch8_mae, resnet = _init_from_files(tmp)
+    short, short_round = _short_sidecar(user_data, tmp)
     return [
         (["--deepspeed_config", str(ds), f"output_dir={new}", f"model.init_from={mini_mae}",
           "model.size=vit_tiny_patch16_224", *common],
@@ -108,7 +111,26 @@ def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path) -> list
         (["--deepspeed_config", str(ds), f"output_dir={new}", f"data.path={user_data}", "moe.num_clusters=8",
           *common], "error: cluster round 0 at", new),
         (["--deepspeed_config", str(ds), f"output_dir={run}", "moe.num_experts=8", "--resume", *common],
-         "error: checkpoint 'step00000002' in", run),
+         "config error: --resume would change moe.num_experts from 4 to 8", run),
+        (["--deepspeed_config", str(ds), f"output_dir={run}", "moe.num_experts=8", "--resume", "--allow-changes",
+          *common], "error: checkpoint 'step00000002' in", run),
+        (["--deepspeed_config", str(ds), f"output_dir={run}", f"data.path={user_data}", "--resume", *common],
+         f"config error: --resume would change data.path from '' to '{user_data}'", run),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "--allow-changes", *common],
+         "config error: --allow-changes only applies with --resume", new),
+        (["--deepspeed_config", str(ds), f"output_dir={two_rank}", "--resume", *common],
+         f"error: checkpoint 'step00000040' in {two_rank} was written by 2 rank(s); this run has 1: resume with "
+         f"--num_gpus 2", two_rank),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "train.lr=-1", *common],
+         "config error: train.lr=-1.0 must be > 0", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "model.mask_ratio=0", *common],
+         "config error: model.mask_ratio=0.0 must be in (0, 1)", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", "moe.layers=[99]", *common],
+         "error: moe.layers=[99] names blocks [99] outside the encoder's 0..5", new),
+        (["--deepspeed_config", str(fp16), f"output_dir={new}", *common],
+         "error: the DeepSpeed config enables fp16, which this cpu run cannot train in", new),
+        (["--deepspeed_config", str(ds), f"output_dir={new}", f"data.path={short}", *common],
+         f"error: cluster round 0 at {short_round} has ids for 5000 images but", new),
         (["--deepspeed_config", str(ds), f"output_dir={run}", *common],
          f"error: output_dir={run} already holds checkpoints", run),
         (["--deepspeed_config", str(ds), f"output_dir={new}", "--resume", *common],
@@ -118,10 +140,13 @@ def _cases(run: Path, ds: Path, tmp: Path, cache: Path, user_data: Path) -> list
     ]
 
 
-def test_bad_inputs_fail_fast_with_one_clear_line(finished_run, user_data_k16, tmp_path, embedded_cache):
+def test_bad_inputs_fail_fast_with_one_clear_line(finished_run, user_data_k16, two_rank_run, tmp_path,
+                                                  embedded_cache):
     run, ds = finished_run
+    two_rank = tmp_path / "two_rank_copy"  # resumed on 1 rank: refused; a copy, since other tests read the original
+    shutil.copytree(two_rank_run[0], two_rank, symlinks=True)
     failures = []
-    for args, expected, out_dir in _cases(run, ds, tmp_path, embedded_cache, user_data_k16):
+    for args, expected, out_dir in _cases(run, ds, tmp_path, embedded_cache, user_data_k16, two_rank):
         before = _snapshot(out_dir)
         proc = _launch(*args)
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
