@@ -2,23 +2,28 @@
 
 DeepSpeed writes the shared weights (gates included) to `mp_rank_00_model_states.pt` and every expert to
 `layer_L_expert_E_mp_rank_00_model_states.pt` with its *global* expert id, so rebuilding the model with
-ep_size=1 and reading every expert file gives the same model whatever ep_size wrote it.
+ep_size=1 and reading every expert file gives the same model whatever ep_size wrote it. A bf16/fp16 run's weights
+come from the optimizer's fp32 masters (moce_ds.checkpoints.zero_masters), not the low-precision module copies.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moce_ds.checkpoints.records import latest_tag
+from moce_ds.checkpoints.zero_masters import fp32_master_weights
 from moce_ds.config import Config, load_config
 from moce_ds.data.sidecar import ClusterRound, latest_round, load_round_at
 from moce_ds.model import MaskedAutoencoderViT, build_model
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
+
+log = logging.getLogger("moce_ds")
 
 
 @dataclass
@@ -78,6 +83,14 @@ def load_pretrained(path: Path, tag: str | None = None, centroids: Path | None =
     state = torch.load(ckpts / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     for layer_file in sorted((ckpts / tag).glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(layer_file, map_location="cpu", weights_only=True))
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
+        # a bf16/fp16 run saved its weights in that precision: take the optimizer's fp32 masters where it has them
+        masters = fp32_master_weights(ckpts / tag, state)
+        if masters is None:
+            log.warning("checkpoint %s holds %s weights and no ZeRO-1/2 fp32 masters: using them upcast to fp32",
+                        ckpts / tag, next(v.dtype for v in state.values() if v.is_floating_point()))
+        else:
+            state.update(masters)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

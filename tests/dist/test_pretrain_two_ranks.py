@@ -80,3 +80,20 @@ def test_bf16_config_trains_with_experts_split(tmp_path, embedded_cache):
     assert len(log) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in log)  # finite, sane
     state = torch.load(run / "state_rank0.pt", weights_only=True)
     assert state["blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
+
+    # what customisation and evaluation read: the optimizer's fp32 masters (rebuilt over both ranks' partitions,
+    # rank 1's experts 2 and 3 under their global ids), not the bf16 module copies
+    from moce_ds.checkpoints import latest_tag, load_pretrained
+
+    tag_dir = run / "checkpoints" / latest_tag(run / "checkpoints")
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    for f in tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
+        saved.update(torch.load(f, weights_only=True))
+    loaded = dict(load_pretrained(run).model.named_parameters())
+    assert {k for k in saved if ".deepspeed_experts.3." in k} <= set(loaded)
+    finer = 0
+    for name, weight in loaded.items():
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight.detach().to(torch.bfloat16), saved[name]), name  # the bf16 copy of this master
+        finer += not torch.equal(weight.detach(), saved[name].float())
+    assert finer > 0.9 * len(loaded)  # fp32 precision the bf16 copies lost
