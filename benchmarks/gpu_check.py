@@ -4,10 +4,12 @@
 
 On CUDA: (1) one rank, bf16 autocast, forward + backward + AdamW steps of the vit_base_patch16_224-sized MAE,
 dense vs MoCE E=8 (images/s, peak memory); (2) our faiss-gpu k-means at 1.28 M x 768 -> 256 (a few Lloyd
-iterations on random unit rows) against faiss.Kmeans(gpu=True) with the same iterations; (3) with 2 GPUs, a note
-that the 2-process expert-parallel step runs as ``deepspeed --num_gpus 2 launchers/pretrain.py`` (not timed here).
-Every record is one JSON line on stdout and in --out. On a machine without CUDA it says so and exits 0. Never
-asserts.
+iterations on random unit rows) against faiss.Kmeans(gpu=True) with the same iterations; (3) the real launcher
+(``deepspeed launchers/pretrain.py`` with ds_configs/zero2_bf16.json, NCCL, the embedded set upscaled to 224 px)
+for MoCE E=8 on one GPU with ZeRO-2's ``overlap_comm`` on and off (the side stream that has never run on CPU),
+and on 2 GPUs (expert parallel, ep_size=2) when two are visible: median images/s over the steps after warm-up
+from the run's metrics.jsonl, and the exit code. Every record is one JSON line on stdout and in --out. On a
+machine without CUDA it says so and exits 0. Never asserts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _emit(rec: dict, out: Path | None) -> None:
@@ -99,12 +105,45 @@ def kmeans_check(n: int, d: int, k: int, iters: int) -> list[dict]:
     return recs
 
 
+def engine_steps(num_gpus: int, overlap_comm: bool, steps: int, batch: int, tmp: Path,
+                 size: str = "vit_base_patch16_224", extra: list[str] = ()) -> dict:
+    """MoCE E=8 through the real launcher and DeepSpeed engine (ZeRO-2, bf16; NCCL on GPUs). `size`, `extra`
+    (more overrides): for the CPU test of this function."""
+    from moce_ds.engine.launch_command import deepspeed_command
+
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = batch
+    ds.setdefault("zero_optimization", {})["overlap_comm"] = overlap_comm
+    name = f"gpus{num_gpus}_overlap{int(overlap_comm)}"
+    ds_path, run = tmp / f"{name}.json", tmp / name
+    ds_path.write_text(json.dumps(ds))
+    over = [f"output_dir={run}", f"model.size={size}", "moe.num_experts=8", f"train.max_steps={steps}",
+            "train.log_every=1", "train.warmup_steps=2", "metrics.enabled=false", "metrics.report=false",
+            "data.num_workers=6", "train.peer_timeout_s=600", *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(deepspeed_command(ROOT / "launchers" / "pretrain.py",
+                                            ["--deepspeed_config", str(ds_path), *over], num_gpus),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    rec = {"check": "engine_step", "gpus": num_gpus, "ep_size": num_gpus, "overlap_comm": overlap_comm,
+           "batch_per_gpu": batch, "rc": proc.returncode, "wall_s": time.perf_counter() - t}
+    metrics = run / "metrics.jsonl"
+    if proc.returncode or not metrics.is_file():
+        rec["error"] = (proc.stderr or proc.stdout)[-1500:]
+        return rec
+    log = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rates = sorted(r["images_per_s"] for r in log[3:] if "images_per_s" in r)  # after warm-up
+    rec.update(steps=len(log), images_per_s_median=rates[len(rates) // 2] if rates else None,
+               last_loss=log[-1].get("loss") if log else None)
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--kmeans-n", type=int, default=1_280_000)
     p.add_argument("--kmeans-iters", type=int, default=5)
+    p.add_argument("--engine-steps", type=int, default=30, help="launcher runs: optimizer steps each")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_check.jsonl")
     args = p.parse_args(argv)
     import torch
@@ -127,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             _emit(rec, out)
     except Exception as e:  # noqa: BLE001
         _emit({"check": "kmeans", "error": f"{type(e).__name__}: {e}"}, out)
-    if torch.cuda.device_count() >= 2:
-        _emit({"check": "ep_step", "status": "not run by this script",
-               "how": "deepspeed --num_gpus 2 launchers/pretrain.py --deepspeed_config ds_configs/zero2_bf16.json"},
-              out)
+    with tempfile.TemporaryDirectory(prefix="moce_gpu_check_") as tmp:
+        runs = [(1, True), (1, False)] + ([(2, True)] if torch.cuda.device_count() >= 2 else [])
+        for gpus, overlap in runs:
+            try:
+                _emit(engine_steps(gpus, overlap, args.engine_steps, args.batch, Path(tmp)), out)
+            except Exception as e:  # noqa: BLE001
+                _emit({"check": "engine_step", "gpus": gpus, "overlap_comm": overlap,
+                       "error": f"{type(e).__name__}: {e}"}, out)
     return 0
 
 
