@@ -39,7 +39,8 @@ from moce_ds.config import load_config
 from moce_ds.customize import customize
 from moce_ds.customize.export import dense_state_dict, timm_vit
 from moce_ds.customize.task_data import TaskData, load_task_data
-from moce_ds.data.embedded import build_embedded_dataset, embedded_tasks, png_bytes
+from moce_ds.data.embedded import build_embedded_dataset, embedded_tasks
+from moce_ds.data.images import png_bytes
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import write_shards
 from moce_ds.evaluation import extract_features, knn, linear_probe, load_encoder

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task, png_bytes
-from moce_ds.data.images import IMAGE_EXTS, decode_image, is_image_file
+from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir, embedded_tasks, load_task
+from moce_ds.data.images import IMAGE_EXTS, decode_image, is_image_file, png_bytes
 from moce_ds.data.splits import stratified_halves
 
 __all__ = ["TaskData", "load_task_data"]

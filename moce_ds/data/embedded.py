@@ -21,7 +21,6 @@ Layout under ``<cache>/embedded-v1/``: ``shards/shard-XXXXX.tar`` (+ ``shards/ma
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moce_ds.data.images import png_bytes
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import atomic_write_json, sha256_file, write_shards
 from moce_ds.data.splits import stratified_halves
@@ -50,7 +50,6 @@ __all__ = [
     "default_cache_dir",
     "embedded_tasks",
     "load_task",
-    "png_bytes",
 ]
 
 logger = logging.getLogger("moce_ds")
@@ -210,13 +209,6 @@ def _render_domain(domain: str, rng: np.random.Generator) -> tuple[np.ndarray, n
     if domain == "faces":
         return _faces_domain(rng)
     return _crop_domain(domain, rng)
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- data set

@@ -1,5 +1,6 @@
-"""One image decoder, one set of image extensions and the normalisation constants, shared by the training loader,
-the clustering features and the customisation task data (they had three decoders and four extension sets).
+"""One image decoder, one PNG encoder, one set of image extensions and the normalisation constants, shared by the
+training loader, the clustering features, the customisation task data, the embedded set and make_shards (they had
+three decoders, two PNG encoders and four extension sets).
 
 Images travel as uint8 everywhere on the host (HWC arrays or (N, 3, H, W) tensors); they become float only on the
 device that uses them (:func:`normalize`, called by the model), so loader workers send 4x fewer bytes.
@@ -15,12 +16,13 @@ import torch
 from PIL import Image
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "decode_image", "image_member", "is_image_file",
-           "normalize", "to_uint8_chw"]
+           "normalize", "png_bytes", "to_uint8_chw"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# webdataset member names (and file suffixes without the dot) that hold an image, in the order a sample is searched
-IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "webp")
+# webdataset member names and file suffixes (without the dot) that hold an image, in the order a sample is searched;
+# make_shards stores the last four as PNG, but an image folder may hold them, so every reader accepts them too
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "ppm")
 
 
 def image_member(sample: dict) -> bytes | None:
@@ -42,6 +44,13 @@ def decode_image(data: bytes | str | Path, draft: tuple[int, int] | None = None)
         if draft is not None and im.format == "JPEG":
             im.draft("RGB", draft)
         return im.convert("RGB")
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """uint8 (H, W, 3) array or PIL image -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,

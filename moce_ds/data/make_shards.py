@@ -33,15 +33,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moce_ds.data.images import IMAGE_EXTS, is_image_file, png_bytes
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import add_member, atomic_write_json, sha256_file
 
-__all__ = ["IMAGE_EXTENSIONS", "list_image_folder", "make_shards"]
+__all__ = ["list_image_folder", "make_shards"]
 
 logger = logging.getLogger("moce_ds")
 
 MANIFEST_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 _ENCODINGS = ("keep", "jpg", "png")
 _MAX_CORRUPT_EXAMPLES = 100
 
@@ -77,7 +77,7 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int | None
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames.sort()
             out += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames)
-                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+                    if is_image_file(Path(f)) and not f.startswith(".")]
         return out
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -86,7 +86,7 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int | None
     else:
         files = [(f, None) for f in images_below(root)]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise ValueError(f"no images ({', '.join('.' + e for e in IMAGE_EXTS)}) found under {root}")
     return classes, files
 
 
@@ -101,9 +101,7 @@ def _source_bytes(item: _Item, opts: _Options) -> bytes:
         if images is None:  # why: one load per worker process, not per shard
             with np.load(opts.root) as z:
                 images = _EMBEDDED_CACHE[opts.root] = z["images"]  # uint8 [N, 32, 32, 3]
-        buf = io.BytesIO()
-        Image.fromarray(images[int(item.src.split(":", 1)[1])]).save(buf, format="PNG")
-        return buf.getvalue()
+        return png_bytes(images[int(item.src.split(":", 1)[1])])
     with open(os.path.join(opts.root, item.src), "rb") as f:
         return f.read()
 
@@ -123,12 +121,11 @@ def _encode(data: bytes, opts: _Options) -> tuple[str, bytes]:
     if opts.resize and min(img.size) > opts.resize:  # shorter side down to ``resize``
         s = opts.resize / min(img.size)
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
     if opts.encode == "jpg":
+        buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=opts.quality)
         return "jpg", buf.getvalue()
-    img.save(buf, format="PNG")  # "png", or "keep" for formats other than JPEG/PNG (lossless)
-    return "png", buf.getvalue()
+    return "png", png_bytes(img)  # "png", or "keep" for formats other than JPEG/PNG (lossless)
 
 
 def _write_shard(task: tuple[str, str, list[_Item], _Options, str]) -> dict:
@@ -204,6 +201,17 @@ def _split(n: int, max_per_shard: int | None, num_shards: int | None) -> list[tu
     return [(i * n // num_shards, (i + 1) * n // num_shards) for i in range(num_shards)]  # sizes differ by <= 1
 
 
+def _check_out_dir(out_dir: Path, image_folder: Path) -> None:
+    """Refuse an output folder equal to or inside the image folder: a rerun would list it as a class of its own
+    (the shards are not images, but the folder is) and shift the labels of every class sorted after it."""
+    out, src = Path(out_dir).resolve(), Path(image_folder).resolve()
+    if out == src or src in out.parents:
+        where = "is" if out == src else "lies inside"
+        raise ValueError(f"output folder {out} {where} the image folder {src}; a rerun would read it as a class and "
+                         f"relabel the classes after it: write the shards outside it, e.g. to "
+                         f"{src.parent / (src.name + '-shards')}")
+
+
 def _embedded_items(cache_dir: Path | None) -> tuple[list[str], list[_Item], str, str]:
     from moce_ds.data.embedded import DOMAINS, build_embedded_dataset
 
@@ -250,6 +258,7 @@ def make_shards(
         sizes = [0] * len(items)
     else:
         image_folder = Path(image_folder).resolve()
+        _check_out_dir(out_dir, image_folder)  # before anything is written
         classes, files = list_image_folder(image_folder)
         items = [_Item(i, f, c, key_prefix) for i, (f, c) in enumerate(files)]
         root, source = str(image_folder), str(image_folder)

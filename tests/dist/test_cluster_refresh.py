@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(900)
 def small_shards(tmp_path_factory, embedded_cache):
     """256 embedded images in 4 shards (8 steps per epoch at 2 x 16) with a pixel-feature round 0 (k=16)."""
     from moce_ds.clustering.job import run_clustering
-    from moce_ds.data.embedded import build_embedded_dataset, png_bytes
+    from moce_ds.data.embedded import build_embedded_dataset
+    from moce_ds.data.images import png_bytes
     from moce_ds.data.keys import make_key
     from moce_ds.data.shard_writer import write_shards
 

@@ -15,7 +15,7 @@ from moce_ds.data.sources import resolve_shards
 
 def _shards(root, start=0, n=48, per_shard=24, prefix="shard"):
     """n images with global indices start.., the same n images whatever the start."""
-    from moce_ds.data.embedded import png_bytes
+    from moce_ds.data.images import png_bytes
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)

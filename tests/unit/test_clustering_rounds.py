@@ -94,7 +94,7 @@ def test_config_cluster_keys_validated():
 
 
 def _small_shards(root, n=96, per_shard=24):
-    from moce_ds.data.embedded import png_bytes
+    from moce_ds.data.images import png_bytes
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)

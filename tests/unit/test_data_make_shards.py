@@ -13,6 +13,7 @@ from moce_ds.data.keys import key_index
 from moce_ds.data.make_shards import list_image_folder, make_shards
 
 CLASSES = ["n01", "n02", "n03"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_image_folder(root: Path, per_class: int = 6, corrupt: bool = True) -> dict[str, bytes]:
@@ -122,3 +123,48 @@ def test_bad_arguments(tmp_path):
         make_shards(tmp_path / "o", image_folder=tmp_path / "missing", max_per_shard=2)
     with pytest.raises(ValueError, match="a-z0-9_"):
         make_shards(tmp_path / "o", image_folder=tmp_path / "src", max_per_shard=2, key_prefix="Bad.Prefix")
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "nested"])
+def test_output_inside_the_image_folder_is_refused_before_writing(tmp_path, where):
+    make_image_folder(tmp_path / "src", corrupt=False)
+    out = {"inside": tmp_path / "src" / "shards", "same": tmp_path / "src",
+           "nested": tmp_path / "src" / "n01" / "x" / ".." / "shards"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError) as e:
+        make_shards(out, image_folder=tmp_path / "src", max_per_shard=4, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out.resolve()) in msg and str((tmp_path / "src").resolve()) in msg
+    assert "relabel" in msg and f"e.g. to {(tmp_path / 'src').resolve().parent / 'src-shards'}" in msg
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_launcher_refuses_output_inside_input_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_shards_launcher", ROOT / "launchers" / "make_shards.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    main = launcher.main
+    make_image_folder(tmp_path / "src", corrupt=False)
+    assert main([str(tmp_path / "src"), str(tmp_path / "src" / "out"), "--max-per-shard", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output folder ") and "\n" not in err
+    assert not (tmp_path / "src" / "out").exists()
+    # beside the image folder is fine, and so is the image folder inside the output folder
+    assert main([str(tmp_path / "src"), str(tmp_path / "src-shards"), "--max-per-shard", "4", "--workers", "1"]) == 0
+    assert main([str(tmp_path / "src"), str(tmp_path), "--max-per-shard", "4", "--workers", "1"]) == 0
+
+
+def test_every_image_extension_is_listed(tmp_path):
+    from moce_ds.data.images import IMAGE_EXTS
+
+    (tmp_path / "src").mkdir()
+    for i, ext in enumerate(IMAGE_EXTS):
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tif": "TIFF", "tiff": "TIFF"}.get(ext, ext.upper())
+        Image.new("RGB", (5, 5), (i, 0, 0)).save(tmp_path / "src" / f"a{i}.{ext.upper()}", format=fmt)
+    (tmp_path / "src" / "notes.txt").write_text("not an image")
+    _, files = list_image_folder(tmp_path / "src")
+    assert len(files) == len(IMAGE_EXTS)
+    m = make_shards(tmp_path / "out", image_folder=tmp_path / "src", num_shards=1, progress=False)
+    assert m["total"] == len(IMAGE_EXTS) and m["num_corrupt"] == 0

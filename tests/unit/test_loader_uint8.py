@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from moce_ds.config import load_config
-from moce_ds.data.images import IMAGE_EXTS, decode_image, image_member, normalize
+from moce_ds.data.images import IMAGE_EXTS, decode_image, image_member, normalize, png_bytes
 from moce_ds.data.keys import make_key
 from moce_ds.data.loader import make_train_loader, to_tensor
 from moce_ds.data.shard_writer import write_shards
@@ -76,3 +76,10 @@ def test_one_decoder_and_extension_set():
     assert img.mode == "RGB" and img.size == (48, 40)
     x = to_tensor(np.zeros((1, 4, 4, 3), np.uint8))
     assert x.shape == (1, 3, 4, 4) and x.dtype == torch.float32
+
+
+def test_one_png_encoder_for_arrays_and_images():
+    a = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    data = png_bytes(a)
+    assert data == png_bytes(Image.fromarray(a)) and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.asarray(decode_image(data)), a)  # lossless
