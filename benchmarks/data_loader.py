@@ -30,6 +30,7 @@ from moce_ds.config import load_config  # noqa: E402
 from moce_ds.data.embedded import build_embedded_dataset, default_cache_dir  # noqa: E402
 from moce_ds.data.keys import key_index, make_key  # noqa: E402
 from moce_ds.data.loader import make_train_loader  # noqa: E402
+from moce_ds.data.sidecar import latest_round  # noqa: E402
 from moce_ds.metrics import append_jsonl  # noqa: E402
 from moce_ds.model import build_model, get_spec  # noqa: E402
 
@@ -171,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["train_micro_batch_size_per_gpu"]
     image_size = get_spec(load_config([], []).model.size).img_size
     ds = build_embedded_dataset(args.cache_dir)
-    ids = ds.root / "clusters"
-    rounds = sorted(ids.glob("round_*/ids.npy"))
-    ids_path = rounds[-1] if rounds else None
+    rnd = latest_round(ds.root / "clusters")
+    ids_path = None if rnd is None else rnd.path / "ids.npy"
     run = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "batch": batch, "image_size": image_size}
     records = []

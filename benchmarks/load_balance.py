@@ -125,11 +125,12 @@ def analyse(metrics_path: Path, routing: str) -> tuple[dict[str, dict], dict[str
 
 def _cluster_sizes(cache_dir: str) -> list[int] | None:
     """The newest clustering round's sizes of the embedded set (what the MoCE gate routes), if on disk."""
-    from moce_ds.data.embedded import default_cache_dir
+    from moce_ds.data.embedded import EMBEDDED_VERSION, default_cache_dir
+    from moce_ds.data.sidecar import latest_round
 
     base = Path(cache_dir).expanduser() if cache_dir else Path(default_cache_dir())
-    manifests = sorted(base.glob("*/clusters/round_*/manifest.json"))
-    return json.loads(manifests[-1].read_text()).get("cluster_sizes") if manifests else None
+    rnd = latest_round(base / f"embedded-{EMBEDDED_VERSION}" / "clusters")
+    return None if rnd is None else rnd.manifest.get("cluster_sizes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import torch
 from moce_ds.checkpoints.records import latest_tag
 from moce_ds.checkpoints.zero_masters import fp32_master_weights
 from moce_ds.config import Config, load_config
-from moce_ds.data.sidecar import ClusterRound, latest_round, load_round_at
+from moce_ds.data.sidecar import ClusterRound, latest_round, list_rounds, load_round_at
 from moce_ds.model import MaskedAutoencoderViT, build_model
 
 __all__ = ["Pretrained", "load_pretrained", "resolve_checkpoint"]
@@ -64,9 +64,8 @@ def _round_for(meta: dict, run_dir: Path, cfg: Config, centroids: Path | None) -
     from moce_ds.data.embedded import EMBEDDED_VERSION, default_cache_dir
 
     root = (Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()) / f"embedded-{EMBEDDED_VERSION}"
-    rounds = sorted((root / "clusters").glob("round_*"), reverse=True)
-    for r in rounds:
-        rnd = load_round_at(r)
+    for path in reversed(list_rounds(root / "clusters")):
+        rnd = load_round_at(path)
         if rnd.k == cfg.moe.num_clusters:
             return rnd
     return None

@@ -42,7 +42,7 @@ from moce_ds.checkpoints.run_reader import load_pretrained, resolve_checkpoint
 from moce_ds.clustering.kmeans import assign, unit_rows
 from moce_ds.clustering.pixel_features import PIXEL_FEATURES_VERSION, pixel_features
 from moce_ds.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
-from moce_ds.data.sidecar import ClusterRound
+from moce_ds.data.sidecar import ClusterRound, list_rounds, load_round_at
 from moce_ds.model.device import inference, resolve_device
 
 __all__ = ["FEATURE_KINDS", "ClusterIds", "FeatureExtractor", "FeatureSourceError", "assign_to_round",
@@ -342,10 +342,10 @@ def checkpoint_tags_in_use(clusters_root: Path | None, run_dir: Path) -> set[str
         return set()
     run = str(Path(run_dir).resolve())
     tags = set()
-    for manifest in Path(clusters_root).glob("round_*/manifest.json"):
+    for path in list_rounds(clusters_root):
         try:
-            spec = json.loads(manifest.read_text()).get("feature_extractor") or {}
-        except json.JSONDecodeError:
+            spec = load_round_at(path).manifest.get("feature_extractor") or {}
+        except (ValueError, KeyError):  # why: an unreadable round must not stop a checkpoint save
             continue
         if spec.get("kind") == "checkpoint" and spec.get("run") == run:
             tags.add(spec["tag"])

@@ -25,8 +25,8 @@ import numpy as np
 
 from moce_ds.data.shard_writer import atomic_write_json
 
-__all__ = ["ClusterRound", "check_round_matches", "latest_round", "load_round", "load_round_at", "round_dir",
-           "write_round"]
+__all__ = ["ClusterRound", "check_round_matches", "latest_round", "list_rounds", "load_round", "load_round_at",
+           "round_dir", "write_round"]
 
 logger = logging.getLogger("moce_ds")
 
@@ -53,16 +53,25 @@ class ClusterRound:
         return np.load(self.path / "centroids.npy")
 
 
-def _round_numbers(root: Path) -> list[int]:
+def _round_number(path: Path) -> int | None:
+    """``.../round_0012`` -> 12; None for any other name (temp folders of interrupted writes included)."""
+    m = _ROUND_RE.match(Path(path).name)
+    return None if m is None else int(m.group(1))
+
+
+def list_rounds(root: Path) -> list[Path]:
+    """The complete round folders under ``root``, oldest first (by number, not by name); [] if ``root`` is missing.
+
+    The one place that decides what a round folder is: open one with :func:`load_round_at`."""
     if not Path(root).is_dir():
         return []
-    out = []
+    found = []
     for p in Path(root).iterdir():
-        m = _ROUND_RE.match(p.name)
+        r = _round_number(p)
         # why: only complete rounds have a manifest (it is renamed into place with the folder)
-        if m and p.is_dir() and (p / "manifest.json").is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
+        if r is not None and p.is_dir() and (p / "manifest.json").is_file():
+            found.append((r, p))
+    return [p for _, p in sorted(found)]
 
 
 def load_round(root: Path, r: int) -> ClusterRound:
@@ -79,16 +88,16 @@ def load_round(root: Path, r: int) -> ClusterRound:
 def load_round_at(path: Path) -> ClusterRound:
     """A round folder (``<root>/round_NNNN``) -> the round."""
     path = Path(path)
-    m = _ROUND_RE.match(path.name)
-    if m is None:
+    r = _round_number(path)
+    if r is None:
         raise FileNotFoundError(f"{path} is not a cluster round folder (expected <clusters>/round_NNNN)")
-    return load_round(path.parent, int(m.group(1)))
+    return load_round(path.parent, r)
 
 
 def latest_round(root: Path) -> ClusterRound | None:
     """Newest complete round under ``root``, or None; temp folders of interrupted writes are ignored."""
-    rounds = _round_numbers(root)
-    return load_round(root, rounds[-1]) if rounds else None
+    rounds = list_rounds(root)
+    return load_round_at(rounds[-1]) if rounds else None
 
 
 def write_round(
@@ -113,8 +122,8 @@ def write_round(
     if ids.size and (ids.min() < -1 or ids.max() >= k):
         raise ValueError(f"ids must lie in [-1, {k}) for k={k}, got range [{ids.min()}, {ids.max()}]")
     ids32 = ids.astype(np.int32)
-    rounds = _round_numbers(root)
-    r = rounds[-1] + 1 if rounds else 0
+    rounds = list_rounds(root)
+    r = _round_number(rounds[-1]) + 1 if rounds else 0
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".round_{r:04d}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from moce_ds.data.sidecar import check_round_matches, latest_round, load_round, write_round
+from moce_ds.data.sidecar import check_round_matches, latest_round, list_rounds, load_round, load_round_at, write_round
 
 
 def test_write_and_load_rounds(tmp_path):
@@ -52,3 +52,22 @@ def test_k_mismatch_message(tmp_path):
     assert "\n" not in msg
     assert "k=16" in msg and "moe.num_clusters=8" in msg
     assert "set moe.num_clusters=16" in msg and "re-cluster with k=8" in msg
+
+
+def test_list_rounds_complete_folders_by_number(tmp_path):
+    root = tmp_path / "clusters"
+    assert list_rounds(root) == []  # no folder yet
+    for _ in range(3):
+        write_round(root, np.zeros(3), np.zeros((1, 2)), "pix")
+    # a round numbered past 9999 sorts after round_0002 by number (by name it would come first)
+    big = root / "round_10000"
+    (root / "round_0002").rename(big)
+    (big / "manifest.json").write_text((big / "manifest.json").read_text().replace('"round": 2', '"round": 10000'))
+    (root / ".round_0003.tmp-123").mkdir()  # an interrupted write
+    (root / "round_0004").mkdir()  # no manifest: not complete
+    (root / "round_x").mkdir()
+    (root / "round_0005").write_text("a file, not a folder")
+    assert [p.name for p in list_rounds(root)] == ["round_0000", "round_0001", "round_10000"]
+    assert [load_round_at(p).round for p in list_rounds(root)] == [0, 1, 10000]
+    assert latest_round(root).round == 10000
+    assert write_round(root, np.zeros(3), np.zeros((1, 2)), "pix").round == 10001
