@@ -16,7 +16,9 @@ Expert-parallel ranks must route the same number of tokens (DESIGN.md §4), so e
 
 Randomness is derived from (seed, epoch, rank, worker) only, so a run is reproducible. Bad samples (undecodable
 image, no image member, no cluster id, key without index, a tar cut short) are skipped and counted per reason;
-each batch's ``skipped`` carries the counts observed since the previous batch.
+each batch's ``skipped`` carries the counts observed since the previous batch. A shard whose manifest records a
+sha256 is hashed as it streams; one read to its end with another digest raises ``ShardDigestError`` (its bytes may
+still decode, so it cannot be counted as skipped samples).
 """
 
 from __future__ import annotations
@@ -152,13 +154,13 @@ class _Shuffle:
 
 
 class _ReadTars:
-    """Picklable tar stage (url dicts -> samples + skip markers)."""
+    """Picklable tar stage (url dicts -> samples + skip markers; shards hashed against the manifest's sha256)."""
 
-    def __init__(self, expected: dict[str, int] | None) -> None:
-        self.expected = expected
+    def __init__(self, expected: dict[str, int] | None, sha256: dict[str, str] | None) -> None:
+        self.expected, self.sha256 = expected, sha256
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        return read_tar_samples(src, self.expected)
+        return read_tar_samples(src, self.expected, self.sha256)
 
 
 # ----------------------------------------------------------------------------------------------- decode + augment
@@ -419,9 +421,10 @@ def _pipeline(shards: IterableDataset, source: ShardSource, cluster_ids_path: Pa
               partial: bool, image_size: int, seed: int, epoch: int, shuffle_buffer: int, strict: bool,
               rank: int, uint8: bool, draft: bool) -> wds.DataPipeline:
     expected = None if source.counts is None else dict(zip(source.urls, source.counts))
+    sha256 = None if source.sha256 is None else {u: d for u, d in zip(source.urls, source.sha256) if d}
     return wds.DataPipeline(
         shards,
-        _ReadTars(expected),
+        _ReadTars(expected, sha256),
         _Shuffle(shuffle_buffer, seed, epoch, rank),  # before decode: the buffer holds compressed bytes
         _Process(cluster_ids_path, image_size, strict, seed, epoch, rank, uint8, draft),
         _Batch(batch_size, partial, image_size, torch.uint8 if uint8 else torch.float32),
