@@ -22,7 +22,7 @@ from moce_ds.data.loader import (
 from moce_ds.data.make_shards import make_shards
 from moce_ds.data.shard_writer import write_shards
 from moce_ds.data.sidecar import ClusterRound, check_round_matches, latest_round, list_rounds, load_round, write_round
-from moce_ds.data.sources import ShardDigestError, ShardSource, resolve_shards
+from moce_ds.data.sources import ShardSource, resolve_shards
 
 __all__ = [
     "EMBEDDED_VERSION",
@@ -32,7 +32,6 @@ __all__ = [
     "ClusterRound",
     "EmbeddedDataset",
     "EpochLoader",
-    "ShardDigestError",
     "ShardSource",
     "TaskSpec",
     "build_embedded_dataset",

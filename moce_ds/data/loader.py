@@ -17,8 +17,8 @@ Expert-parallel ranks must route the same number of tokens (DESIGN.md §4), so e
 Randomness is derived from (seed, epoch, rank, worker) only, so a run is reproducible. Bad samples (undecodable
 image, no image member, no cluster id, key without index, a tar cut short) are skipped and counted per reason;
 each batch's ``skipped`` carries the counts observed since the previous batch. A shard whose manifest records a
-sha256 is hashed as it streams; one read to its end with another digest raises ``ShardDigestError`` (its bytes may
-still decode, so it cannot be counted as skipped samples).
+sha256 is hashed as it streams; one read to its end with another digest is counted as ``bad_shard`` (once per shard:
+its samples were already delivered) with a warning naming it, or stops the run under ``strict``.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ logger = logging.getLogger("moce_ds")
 
 # decode_error: image bytes that do not decode; no_image: a sample without a jpg/jpeg/png member;
 # missing_cluster: index outside the round's table or -1 there; bad_key: no parseable global index;
-# truncated_tar: samples lost to a shard that breaks off (cut file, failed pipe, fewer samples than the manifest)
-SKIP_REASONS: tuple[str, ...] = ("decode_error", "no_image", "missing_cluster", "bad_key", "truncated_tar")
+# truncated_tar: samples lost to a shard that breaks off (cut file, failed pipe, fewer samples than the manifest);
+# bad_shard: shards read to their end whose sha256 differs from the manifest's (counted per shard, not per sample)
+SKIP_REASONS: tuple[str, ...] = ("decode_error", "no_image", "missing_cluster", "bad_key", "truncated_tar",
+                                 "bad_shard")
 
 
 def to_tensor(images: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN,

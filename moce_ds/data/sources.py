@@ -6,7 +6,8 @@ it groups tar members into samples like webdataset's ``tarfile_to_samples``, but
 (truncated file, unreadable stream, fewer samples than its manifest says) as a skip *marker* in the stream,
 so the decode stage counts it with the other bad samples and the strict mode can name shard and key. When the
 manifest records a shard's sha256, the bytes are hashed as tarfile streams them (no second read) and a shard read to
-its end whose digest differs raises :class:`ShardDigestError` (a flipped byte need not break the tar or the image).
+its end whose digest differs is reported as a ``bad_shard`` marker (a flipped byte need not break the tar or the
+image).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import IO
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-__all__ = ["SKIP_MARKER", "ShardDigestError", "ShardSource", "read_tar_samples", "resolve_shards"]
+__all__ = ["SKIP_MARKER", "ShardSource", "read_tar_samples", "resolve_shards"]
 
 # A sample dict with this key is not a sample but a skip report: {SKIP_MARKER: reason, "__url__", "__key__", detail}
 SKIP_MARKER = "__skip__"
@@ -85,10 +86,6 @@ def resolve_shards(source: str | Path | Sequence[str | Path]) -> ShardSource:
     return ShardSource(urls, None)
 
 
-class ShardDigestError(ValueError):
-    """A shard read to its end whose sha256 is not the one its manifest records."""
-
-
 class _HashingReader:
     """Read-only file wrapper that feeds every byte read through it into sha256, so a shard is hashed while tarfile
     streams it (tarfile's stream mode only calls ``read``)."""
@@ -122,8 +119,10 @@ def read_tar_samples(src: Iterator[dict], expected: dict[str, int] | None = None
     so when ``expected`` (url -> samples from the manifest) is known, a short shard is reported as well.
 
     ``sha256`` (url -> hex digest from the manifest): the shard's bytes are hashed as they stream; a shard read to
-    its end, not already reported as cut short, whose digest differs raises :class:`ShardDigestError` before its
-    last sample. A shard the consumer stops reading mid-way (the epoch ended) is not checked.
+    its end, not already reported as cut short, whose digest differs is reported after its last sample as one
+    ``bad_shard`` skip (count 1: a shard, not samples; its samples were already delivered, since the digest is only
+    known at the end), naming the shard, both digests and the fix. A shard the consumer stops reading mid-way (the
+    epoch ended) is not checked.
     """
     for shard in src:
         url = shard["url"]
@@ -172,13 +171,13 @@ def read_tar_samples(src: Iterator[dict], expected: dict[str, int] | None = None
             continue
         n_read = n_done + (current is not None)
         short = want is not None and n_read < want
-        if digest is not None and not short and digest != want_digest:
-            raise ShardDigestError(
-                f"shard {url} is damaged: its sha256 is {digest} but its manifest records {want_digest}; rebuild it "
-                f"(rerun launchers/make_shards.py with the same arguments plus --verify, which rewrites only damaged "
-                f"shards) or restore the file from a copy")
         if current is not None:
             yield current
+        if digest is not None and not short and digest != want_digest:
+            yield _skip("bad_shard", url, current["__key__"] if current is not None else "?",
+                        f"the shard is damaged: its sha256 is {digest} but its manifest records {want_digest}; "
+                        f"rebuild it (rerun launchers/make_shards.py with the same arguments plus --verify, which "
+                        f"rewrites only damaged shards) or restore the file from a copy")
         if short:
             last = current["__key__"] if current is not None else "?"
             yield _skip("truncated_tar", url, last, f"shard ended after {n_read} of the {want} samples its manifest "

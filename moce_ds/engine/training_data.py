@@ -26,10 +26,11 @@ class TrainingData:
     description: str
     shard_counts: list[int] | None = None  # samples per shard, from the manifest
     clusters_root: Path | None = None  # where the rounds live (<shards>/clusters)
+    shard_sha256: list[str | None] | None = None  # per shard, from the manifest: checked while the loader streams
 
     @property
     def source(self) -> ShardSource:
-        return ShardSource(self.urls, self.shard_counts)
+        return ShardSource(self.urls, self.shard_counts, sha256=self.shard_sha256)
 
 
 def _embedded(cfg: Config, info: DistInfo) -> TrainingData:
@@ -50,11 +51,12 @@ def _embedded(cfg: Config, info: DistInfo) -> TrainingData:
         raise RuntimeError(f"building the embedded data set failed on rank 0: {error}")
     ds = build_embedded_dataset(cache, seed=cfg.data.cluster_seed)
     clusters = ds.root / "clusters"
-    counts = None
+    counts = digests = None
     if (ds.root / "shards" / "manifest.json").is_file():
-        counts = resolve_shards(ds.root / "shards").counts
+        src = resolve_shards(ds.root / "shards")
+        counts, digests = src.counts, src.sha256
     return TrainingData(ds.shard_urls, ds.num_train, latest_round(clusters),
-                        f"embedded set at {ds.root} ({ds.num_train} images)", counts, clusters)
+                        f"embedded set at {ds.root} ({ds.num_train} images)", counts, clusters, digests)
 
 
 def _sharded(cfg: Config) -> TrainingData:
@@ -70,7 +72,7 @@ def _sharded(cfg: Config) -> TrainingData:
                          f"e.g. {missing[0]}; re-run make_shards.py to complete them.")
     root = manifest.parent
     return TrainingData(src.urls, int(src.total), latest_round(root / "clusters"),
-                        f"{len(src.urls)} shards in {root}", src.counts, root / "clusters")
+                        f"{len(src.urls)} shards in {root}", src.counts, root / "clusters", src.sha256)
 
 
 def prepare_training_data(cfg: Config, info: DistInfo) -> TrainingData:
