@@ -19,6 +19,7 @@ throughput; 1 vs 2 MPI ranks; LPT balance.
 2. The same k-means (fixed start, fixed iterations) under ``mpirun -n 1`` and ``-n 2``, 1 torch thread per rank,
    plus 1 rank with 2 threads; wall time of the k-means itself (rank 0, after a barrier).
 3. Images per expert at step 0 for a random cluster table vs ``cluster.init_table=lpt`` (CV over experts).
+4. ``--parts featurize``: images/s of the ``timm:vit_base_patch16_224`` feature source at 224 px per rank.
 Never asserts.
 """
 
@@ -75,11 +76,40 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class _AnonPeak:
+    """Peak anonymous memory (RssAnon: heap, arrays, not the memmap's file pages, which the kernel may drop) of
+    this process, sampled every 20 ms in a thread: what a memory-mapped k-means really holds."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._now())
+
+    def stop_gb(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._now()) / 2**30
+
+
 def engine_worker(engine: str, data: Path, init_path: Path, iters: int, threads: int) -> None:
     """One engine on the memmap from the given start; prints one JSON line (rank 0 under mpirun)."""
     from moce_ds.clustering.kmeans import import_faiss, set_threads
 
     set_threads(threads)
+    anon = _AnonPeak()
     x = np.load(data, mmap_mode="r")
     init = np.load(init_path)
     n, d = x.shape
@@ -93,7 +123,7 @@ def engine_worker(engine: str, data: Path, init_path: Path, iters: int, threads:
         own = (2.0 - 2.0 * np.asarray(km.obj) / n).tolist()  # its obj: float32 sum of inner products per iteration
         exact = float(assign(x, unit_rows(km.centroids), spherical=True)[1].mean(dtype=np.float64))  # untimed
         print(json.dumps({"seconds": seconds, "iterations": iters, "objective": exact, "faiss_obj": own,
-                          "peak_rss_gb": [_peak_rss_gb()], "ranks": 1}))
+                          "peak_rss_gb": [_peak_rss_gb()], "peak_anon_gb": [anon.stop_gb()], "ranks": 1}))
         return
     from moce_ds.clustering.comm import LocalComm, MPIComm
 
@@ -106,17 +136,21 @@ def engine_worker(engine: str, data: Path, init_path: Path, iters: int, threads:
     res = kmeans(x[lo:hi], k, iters=iters + 1, tol=0, spherical=True, init=init, comm=comm)
     comm.barrier()
     seconds = time.perf_counter() - t
-    rss = comm.gather(_peak_rss_gb())
+    rss, anon_gb = comm.gather(_peak_rss_gb()), comm.gather(anon.stop_gb())
     if comm.rank == 0:
         print(json.dumps({"seconds": seconds, "iterations": iters + 1, "objective": res.objective[-1],
-                          "objectives": res.objective, "peak_rss_gb": rss, "ranks": comm.world_size,
-                          "backend": res.backend}))
+                          "objectives": res.objective, "peak_rss_gb": rss, "peak_anon_gb": anon_gb,
+                          "ranks": comm.world_size, "backend": res.backend, "reseeded": res.reseeded}))
 
 
-def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int]) -> list[dict]:
+def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int], with_faiss: bool = True,
+          tmp_root: str = "/tmp", one_thread_base: bool = True) -> list[dict]:
+    """faiss.Kmeans (all rows in RAM; skipped when ``with_faiss`` is off, e.g. rows larger than the machine's
+    memory), moce-ds at 1 rank x ``threads`` threads, 1 rank x 1 thread (the base of the rank speedup: each rank
+    of an MPI run has one thread of the same cores) and each of ``ranks`` ranks x threads // ranks threads."""
     from moce_ds.clustering.kmeans import kmeans_plus_plus
 
-    tmp = Path(tempfile.mkdtemp(prefix="moce_kmeans_bench_", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="moce_kmeans_bench_", dir=tmp_root))
     rows = []
     try:
         t = time.perf_counter()
@@ -127,7 +161,9 @@ def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int]) ->
         print(f"  {n} x {d} rows ({n * d * 4 / 2**30:.2f} GiB) and a k-means++ start in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        runs = [("faiss.Kmeans", 1, threads), *((("moce-ds kmeans", r, max(1, threads // r))) for r in ranks)]
+        runs = [("faiss.Kmeans", 1, threads)] if with_faiss else []
+        runs += [("moce-ds kmeans", 1, t) for t in sorted({threads, 1} if one_thread_base else {threads}, reverse=True)]
+        runs += [("moce-ds kmeans", r, max(1, threads // r)) for r in ranks if r > 1]
         for engine, r, thr in runs:
             worker = [sys.executable, __file__, "--engine-worker",
                       "faiss.Kmeans" if engine == "faiss.Kmeans" else "mpi" if r > 1 else "local",
@@ -143,20 +179,53 @@ def scale(n: int, d: int, k: int, iters: int, threads: int, ranks: list[int]) ->
                          "seconds_per_iter": res["seconds"] / res["iterations"],
                          "objective": res["objective"], "objectives": res.get("objectives", res.get("faiss_obj")),
                          "peak_rss_gb_per_rank": res["peak_rss_gb"], "rows_gb": n * d * 4 / 2**30,
+                         "peak_anon_gb_per_rank": res.get("peak_anon_gb"),
+                         "reseeded": res.get("reseeded"),  # empty clusters re-seeded (faiss.Kmeans splits instead)
                          "backend": res.get("backend", "")})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ref = next((r for r in rows if r["engine"] == "faiss.Kmeans"), None)
-    one = next((r for r in rows if r["engine"] != "faiss.Kmeans" and r["ranks"] == 1), None)
+    one = next((r for r in rows if r["engine"] != "faiss.Kmeans" and r["ranks"] == 1 and r["threads_per_rank"] == 1),
+               None)
     for r in rows:
         r["time_vs_faiss"] = None if ref is None else r["seconds_per_iter"] / ref["seconds_per_iter"]
         r["objective_vs_faiss"] = None if ref is None else r["objective"] / ref["objective"] - 1.0
         r["speedup_vs_1_rank"] = None if one is None else one["seconds_per_iter"] / r["seconds_per_iter"]
+        vs = "" if ref is None else (f" ({r['time_vs_faiss']:.2f}x faiss.Kmeans; objective "
+                                     f"{100 * r['objective_vs_faiss']:+.3f} % vs faiss)")
+        anon = max(r["peak_anon_gb_per_rank"] or [float("nan")])
         print(f"  {r['engine']:15s} {r['ranks']} rank(s) x {r['threads_per_rank']} thr: "
-              f"{r['seconds_per_iter']:.2f} s/iter ({r['time_vs_faiss']:.2f}x faiss.Kmeans), peak RSS "
-              f"{max(r['peak_rss_gb_per_rank']):.2f} GiB per rank (rows {r['rows_gb']:.2f} GiB), objective "
-              f"{r['objective']:.6f} ({100 * r['objective_vs_faiss']:+.3f} % vs faiss)", flush=True)
+              f"{r['seconds_per_iter']:.2f} s/iter{vs}, speedup vs 1x1 {r['speedup_vs_1_rank'] or float('nan'):.2f}, "
+              f"peak RSS {max(r['peak_rss_gb_per_rank']):.2f} GiB / anonymous {anon:.2f} GiB per rank (rows "
+              f"{r['rows_gb']:.2f} GiB), objective {r['objective']:.6f}", flush=True)
     return rows
+
+
+def featurize(threads: int, batch: int = 32, reps: int = 3) -> list[dict]:
+    """What an in-training refresh or ``cluster.py --features`` costs per rank at ImageNet scale: images/s of the
+    ``timm:vit_base_patch16_224`` feature source (our extractor: resize/crop, normalise, encoder, mean token, unit
+    rows) on 224 px uint8 images, random weights (no download; the cost does not depend on them)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from moce_ds.clustering.feature_sources import make_extractor
+
+    set_threads(threads)
+    tmp = Path(tempfile.mkdtemp(prefix="moce_feat_bench_"))
+    try:
+        weights = tmp / "vit_base.safetensors"
+        save_file(timm.create_model("vit_base_patch16_224", pretrained=False).state_dict(), str(weights))
+        extractor = make_extractor("timm:vit_base_patch16_224", str(weights), image_size=224)
+        images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+        t = best_time(lambda: extractor(images), reps)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rate = batch / t
+    rec = {"kind": "featurize", "source": "timm:vit_base_patch16_224", "image_size": 224, "batch": batch,
+           "threads": threads, "images_per_s": rate, "hours_for_1281167_images_per_rank": 1_281_167 / rate / 3600}
+    print(f"  featurise vit_base_patch16_224 at 224 px, {threads} thread(s): {rate:.1f} images/s per rank "
+          f"({rec['hours_for_1281167_images_per_rank']:.1f} h for ImageNet-1K on one such rank)", flush=True)
+    return [rec]
 
 
 def best_time(fn, reps: int = 3) -> float:
@@ -286,7 +355,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, kind in zip(axes[0], panels):
         a = [r for r in rows if r["kind"] == kind]
         if kind == "scale":
-            ax.bar([f"{r['engine']}\n{r['ranks']} rank" for r in a], [r["seconds_per_iter"] for r in a])
+            ax.bar([f"{r['engine']}\n{r['ranks']} rank x {r['threads_per_rank']} thr" for r in a],
+                   [r["seconds_per_iter"] for r in a])
             ax.set_ylabel(f"s / iteration ({a[0]['n']} x {a[0]['d']} -> {a[0]['k']})")
         elif kind == "assign":
             ax.barh(range(len(a)), [r["fraction_of_peak"] for r in a])
@@ -303,13 +373,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-worker", nargs=5, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--parts", default="scale", help="comma list of scale, assign, mpi, balance")
+    p.add_argument("--parts", default="scale", help="comma list of scale, assign, mpi, balance, featurize")
     p.add_argument("--threads", type=int, default=2, help="threads per process (split over ranks under mpirun)")
     p.add_argument("--rows", type=int, default=1_281_167)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--ranks", default="1,2", help="moce-ds k-means rank counts for the scale part")
+    p.add_argument("--no-faiss", action="store_true",
+                   help="scale: skip faiss.Kmeans (it holds all rows in RAM; for out-of-core sizes)")
+    p.add_argument("--no-1x1", action="store_true", help="scale: skip the 1 rank x 1 thread base (saves time)")
+    p.add_argument("--tmp", default="/tmp", help="scale: where the memory-mapped rows are written (rows x dim x 4 B)")
     args = p.parse_args()
     if args.mpi_worker:
         mpi_worker()
@@ -327,7 +401,8 @@ def main() -> None:
     rows = []
     if "scale" in parts:
         print(f"moce-ds kmeans vs faiss.Kmeans, {args.rows} x {args.dim} -> {args.k}, {args.iters} iterations:")
-        rows += scale(args.rows, args.dim, args.k, args.iters, args.threads, [int(r) for r in args.ranks.split(",")])
+        rows += scale(args.rows, args.dim, args.k, args.iters, args.threads, [int(r) for r in args.ranks.split(",")],
+                      with_faiss=not args.no_faiss, tmp_root=args.tmp, one_thread_base=not args.no_1x1)
     if "assign" in parts:
         print("assignment throughput:")
         for threads in (1, args.threads):
@@ -336,6 +411,9 @@ def main() -> None:
     if "mpi" in parts:
         print("1 vs 2 ranks (mpirun):")
         rows += mpi_scaling()
+    if "featurize" in parts:
+        print("featurisation throughput per rank:")
+        rows += featurize(args.threads)
     if "balance" in parts:
         print("expert balance at step 0:")
         rows += balance()
