@@ -150,7 +150,9 @@ def write_round(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote cluster round %d (k=%d, %d images, source %s) to %s", r, k, ids32.shape[0], feature_source, root)
+    # the id table spans every image index of the shards; those that did not decode hold -1 (the job names them)
+    logger.info("wrote cluster round %d (k=%d, ids for %d of the %d image indexes, source %s) to %s", r, k,
+                int((ids32 >= 0).sum()), ids32.shape[0], feature_source, root)
     return load_round(root, r)
 
 
