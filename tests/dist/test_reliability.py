@@ -14,24 +14,34 @@ import psutil
 import pytest
 
 from moce_ds.engine.checkpoint import complete_tags, latest_tag
-from moce_ds.metrics import read_jsonl
 from moce_ds.engine.distributed import free_port
+from moce_ds.metrics import read_jsonl
 from tests.dist.launch import ROOT, WORKER, run_deepspeed, two_rank_overrides
 
 pytestmark = pytest.mark.timeout(900)
 NAN_WORKER = ROOT / "tests" / "dist" / "workers" / "pretrain_with_nan.py"
 
 
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _launch_logged(cmd: list[str], output: Path, **kw) -> subprocess.Popen:
+    """A launcher whose stdout+stderr go to a file, readable while it runs: a wait that times out can show what the
+    ranks printed (this test once timed out in a full-suite run with nothing to show for it)."""
+    with output.open("w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300,
+                   output: Path | None = None) -> None:
     deadline = time.time() + timeout
     log = run / "metrics.jsonl"
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended early with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            text = output.read_text() if output is not None else proc.stdout.read()
+            raise AssertionError(f"the run ended early with {proc.returncode}: {text[-3000:]}")
         if log.is_file() and any(r["step"] >= step for r in read_jsonl(log)):
             return
         time.sleep(0.5)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+    shown = f": {output.read_text()[-3000:]}" if output is not None else ""
+    raise AssertionError(f"step {step} not reached in {timeout} s{shown}")
 
 
 def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -171,13 +181,13 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_and_leaves_no_orphan(two_
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(ds),
            *two_rank_overrides(run, embedded_cache, 40), "metrics.report=false"]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(run, 8, launcher)
+    launcher = _launch_logged(cmd, tmp_path / "launcher.log")
+    _wait_for_step(run, 8, launcher, output=tmp_path / "launcher.log")
     procs = _run_processes(launcher)
     launcher.send_signal(signal.SIGTERM)
     launcher.wait(timeout=30)
     _assert_all_gone(procs)
-    out = launcher.stdout.read()
+    out = (tmp_path / "launcher.log").read_text()
     assert re.search(r"stopped by the end of the deepspeed launcher \(pid \d+\) at step \d+; checkpoint .*; "
                      r"continue with --resume", out), out[-3000:]
     stopped = read_jsonl(run / "metrics.jsonl")[-1]["step"]
@@ -192,12 +202,12 @@ def test_sigint_to_the_supervised_process_group_stops_every_rank_and_returns_0(t
     cmd = [sys.executable, str(ROOT / "launchers" / "supervise.py"), "--num_gpus", "2", "--master_port",
            str(free_port()), str(ROOT / "launchers" / "pretrain.py"), "--deepspeed_config", str(ds),
            *two_rank_overrides(run, embedded_cache, 40), "metrics.report=false"]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # its own process group, as a shell job is
-    _wait_for_step(run, 8, launcher)
+    launcher = _launch_logged(cmd, tmp_path / "launcher.log", start_new_session=True)  # own group, as a shell job
+    _wait_for_step(run, 8, launcher, output=tmp_path / "launcher.log")
     procs = _run_processes(launcher)
     os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
-    out, _ = launcher.communicate(timeout=60)
+    launcher.wait(timeout=60)
+    out = (tmp_path / "launcher.log").read_text()
     assert launcher.returncode == 0, out[-3000:]
     _assert_all_gone(procs)
     stopped = read_jsonl(run / "metrics.jsonl")[-1]["step"]
