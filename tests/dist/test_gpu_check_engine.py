@@ -3,19 +3,15 @@ first GPU day does not fail on the plumbing: the real deepspeed launcher, zero2_
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.dist.launch import ROOT
+from tests.script_module import load_script
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_engine_steps_runs_the_real_launcher_and_reads_its_metrics(tmp_path, embedded_cache):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script("benchmarks/gpu_check.py", "gpu_check")
     rec = gpu_check.engine_steps(1, False, steps=5, batch=8, tmp=tmp_path, size="mini",
                                  extra=[f"data.cache_dir={embedded_cache}", "data.num_workers=0"])
     assert rec["rc"] == 0, rec.get("error")

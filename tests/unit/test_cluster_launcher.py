@@ -3,8 +3,6 @@ device binding and threads, --device passed to the feature extractor (issues 14,
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
 import logging
 from pathlib import Path
@@ -12,34 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from moce_ds.data.images import png_bytes
 from moce_ds.data.keys import make_key
 from moce_ds.data.shard_writer import write_shards
+from tests.script_module import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 BAD = (3, 7, 11)  # samples whose image does not decode
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _shards(root: Path, n: int = 40, start: int = 0, prefix: str = "s") -> Path:
     """n 32 px images in shards of 16 (global indices start..), the BAD ones undecodable."""
     imgs = np.random.default_rng(start).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    write_shards(((make_key(start + i, "img"), b"not a png" if i in BAD else _png(imgs[i]), None) for i in range(n)),
-                 root, prefix=prefix, max_per_shard=16)
+    samples = ((make_key(start + i, "img"), b"not a png" if i in BAD else png_bytes(imgs[i]), None) for i in range(n))
+    write_shards(samples, root, prefix=prefix, max_per_shard=16)
     return root
 
 
 @pytest.fixture
 def launcher():
-    spec = importlib.util.spec_from_file_location("cluster_launcher", ROOT / "launchers" / "cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("launchers/cluster.py", "cluster_launcher")
     threads = torch.get_num_threads()
     yield mod
     torch.set_num_threads(threads)  # --threads changes this process's pool

@@ -3,7 +3,6 @@ of one class stops with one line before any feature is extracted (issues 14, 17)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import torch
 from PIL import Image
 
 import moce_ds.evaluation.run as run
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.script_module import load_script
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +37,7 @@ def _task(root: Path, per_class: dict[str, int]) -> Path:
 
 @pytest.fixture
 def launcher():
-    spec = importlib.util.spec_from_file_location("evaluate_launcher", ROOT / "launchers" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("launchers/evaluate.py", "evaluate_launcher")
 
 
 @pytest.fixture
